@@ -1,0 +1,69 @@
+"""Command line: ``python -m merging CONFIG.yml OUTPUT_DIR [options]``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from .errors import MergeError
+from .execute import MergeOptions
+from .pipeline import load_config, plan_merge, run_merge, summarize
+
+
+def parse_size(text: str) -> int:
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*", text, re.I)
+    if not match:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 5GB or 500MB")
+    scale = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}[match[2].upper()]
+    return int(float(match[1]) * scale)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m merging", description="Merge models from a mergekit YAML config.")
+    parser.add_argument("config", type=Path, help="mergekit-compatible YAML config")
+    parser.add_argument("output_dir", type=Path, help="directory to create for the merged model")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"), help="where to compute")
+    parser.add_argument("--seed", type=int, default=0, help="seed for randomized methods (dare, della)")
+    parser.add_argument("--out-shard-size", type=parse_size, default=parse_size("5GB"), help="largest output shard")
+    parser.add_argument("--dry-run", action="store_true", help="validate against headers only and print the plan")
+    parser.add_argument("--allow-pickle", action="store_true", help="accept pytorch_model.bin (weights_only=True)")
+    parser.add_argument("--quiet", action="store_true", help="no progress output")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    token = os.environ.get("HF_TOKEN") or None
+    try:
+        config = load_config(args.config)
+        if args.dry_run:
+            plan = plan_merge(config, token=token, allow_pickle=args.allow_pickle)
+            print("\n".join(summarize(plan).lines()))
+            return 0
+
+        def progress(done: int, total: int, name: str) -> None:
+            if not args.quiet:
+                print(f"\r[{done}/{total}] {name[:60]:<60}", end="" if done < total else "\n", file=sys.stderr)
+
+        options = MergeOptions(device=args.device, seed=args.seed, out_shard_bytes=args.out_shard_size)
+        files = run_merge(config, args.output_dir, options=options, token=token, allow_pickle=args.allow_pickle,
+                          progress=progress)
+    except MergeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    if not args.quiet:
+        print(f"wrote {len(files)} files to {args.output_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,411 @@
+"""Stage 1: parse and validate a mergekit-compatible YAML config.
+
+Everything here is checked from the text alone, before any file is read or downloaded. Checks
+that need the models (layer ranges, shapes, architectures) happen in `plan`. Every error is a
+`MergeError` whose one line names the field (``models[1].parameters.density``) and the fix.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+import yaml
+
+from .errors import MergeError, did_you_mean
+from .methods import REGISTRY, BasePolicy, MergeMethod, Parameter
+
+Scalar = Union[bool, int, float, str]
+# A parameter setting as written: a scalar, a gradient (list of scalars), or filtered entries.
+Setting = Union[Scalar, tuple[Scalar, ...], tuple["Conditional", ...]]
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float64": torch.float64, "fp64": torch.float64,
+}
+BUILTIN_CHAT_TEMPLATES = ("chatml", "llama3", "alpaca", "mistral")
+
+_TOP_KEYS = ("merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype",
+             "tokenizer_source", "tokenizer", "chat_template", "modules", "name", "description")
+_MODEL_KEYS = ("model", "parameters")
+_SLICE_KEYS = ("sources", "base_model", "parameters", "residual_weight")
+_SOURCE_KEYS = ("model", "layer_range", "parameters")
+_REPO_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*$")
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A model as the config names it: a local directory or a Hub repo id, with an optional revision."""
+
+    path: str
+    revision: Optional[str] = None
+    local: bool = False
+
+    def __str__(self) -> str:
+        return f"{self.path}@{self.revision}" if self.revision else self.path
+
+    @property
+    def hub_id(self) -> Optional[str]:
+        return None if self.local else self.path
+
+
+@dataclass(frozen=True)
+class Conditional:
+    filter: Optional[str]
+    value: Union[Scalar, tuple[Scalar, ...]]
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    model: ModelRef
+    parameters: dict[str, Setting] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SliceSource:
+    model: ModelRef
+    layer_range: tuple[int, int]
+    parameters: dict[str, Setting] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class OutputSlice:
+    sources: tuple[SliceSource, ...]
+    base_model: Optional[ModelRef] = None
+    parameters: dict[str, Setting] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class MergeConfig:
+    method: MergeMethod
+    base_model: Optional[ModelRef]
+    models: Optional[tuple[ModelEntry, ...]]
+    slices: Optional[tuple[OutputSlice, ...]]
+    parameters: dict[str, Setting]
+    dtype: Optional[torch.dtype]
+    out_dtype: Optional[torch.dtype]
+    tokenizer_source: Optional[Union[str, ModelRef]]  # "base", a model, or None
+    chat_template: Optional[str]
+    text: str  # the YAML as the user wrote it, embedded in the model card
+
+    def referenced_models(self) -> list[ModelRef]:
+        """Every model the merge reads, base first, each once, in config order."""
+        seen: dict[ModelRef, None] = {}
+        if self.base_model:
+            seen[self.base_model] = None
+        for entry in self.models or ():
+            seen[entry.model] = None
+        for out in self.slices or ():
+            if out.base_model:
+                seen[out.base_model] = None
+            for source in out.sources:
+                seen[source.model] = None
+        if isinstance(self.tokenizer_source, ModelRef):
+            seen[self.tokenizer_source] = None
+        return list(seen)
+
+
+def parse_model_ref(value: Any, where: str, base_dir: Optional[Path] = None) -> ModelRef:
+    if not isinstance(value, str) or not value.strip():
+        raise MergeError(f"{where}: expected a Hub repo id or a local directory, got {value!r}")
+    text = value.strip()
+    if "+" in text:
+        raise MergeError(f"{where}: LoRA references ('model+lora') are not supported yet; merge the adapter into "
+                         f"the model first and reference the result")
+    path, _, revision = text.partition("@")
+    if _ and not revision:
+        raise MergeError(f"{where}: {text!r} has an empty revision after '@'")
+    local_path = Path(os.path.expanduser(path))
+    if base_dir is not None and not local_path.is_absolute():
+        local_path = base_dir / local_path
+    if local_path.is_dir():
+        if revision:
+            raise MergeError(f"{where}: a revision ('@{revision}') only applies to Hub repos, not the local "
+                             f"directory {path!r}")
+        return ModelRef(str(local_path.resolve()), None, local=True)
+    looks_like_path = path.startswith(("/", ".", "~")) or os.sep in path.strip("/").replace("/", "", 1)
+    if looks_like_path or not _REPO_ID.match(path):
+        raise MergeError(f"{where}: {path!r} is neither an existing local directory nor a Hub repo id "
+                         f"like 'org/name'")
+    return ModelRef(path, revision or None)
+
+
+def _check_keys(mapping: dict, allowed: tuple[str, ...], where: str) -> None:
+    for key in mapping:
+        if key not in allowed:
+            raise MergeError(f"{where}{key}: unknown key{did_you_mean(str(key), allowed)}; "
+                             f"allowed here: {', '.join(allowed)}")
+
+
+def _check_scalar(value: Any, param: Parameter, where: str) -> Scalar:
+    if value is None and param.optional:
+        return value
+    if param.type is bool:
+        if isinstance(value, bool):
+            return value
+        raise MergeError(f"{where}: {param.name} must be true or false, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, str):
+            try:
+                return _check_scalar(float(value), param, where)
+            except ValueError:
+                pass
+        kind = "an integer" if param.type is int else "a number"
+        raise MergeError(f"{where}: {param.name} must be {kind}, got {value!r}")
+    if param.type is int and not float(value).is_integer():
+        raise MergeError(f"{where}: {param.name} must be an integer, got {value!r}")
+    return param.type(value)
+
+
+def _parse_setting(raw: Any, param: Parameter, where: str, allow_filters: bool = True) -> Setting:
+    if isinstance(raw, dict):
+        if allow_filters and set(raw) <= {"filter", "value"} and "value" in raw:
+            return (_parse_conditional(raw, param, where),)
+        raise MergeError(f"{where}: expected a value, a list of values, or entries with 'filter' and 'value'")
+    if isinstance(raw, list):
+        if not raw:
+            raise MergeError(f"{where}: an empty list is not a value; give a number or a list of numbers")
+        if all(isinstance(item, dict) for item in raw):
+            if not allow_filters:
+                raise MergeError(f"{where}: filtered entries cannot nest inside a filtered entry")
+            return tuple(_parse_conditional(item, param, f"{where}[{i}]") for i, item in enumerate(raw))
+        if any(isinstance(item, (dict, list)) for item in raw):
+            raise MergeError(f"{where}: a gradient is a flat list of numbers; do not mix lists or filters into it")
+        return tuple(_check_scalar(item, param, f"{where}[{i}]") for i, item in enumerate(raw))
+    return _check_scalar(raw, param, where)
+
+
+def _parse_conditional(raw: Any, param: Parameter, where: str) -> Conditional:
+    if not isinstance(raw, dict):
+        raise MergeError(f"{where}: expected an entry with 'filter' and 'value'")
+    _check_keys(raw, ("filter", "value"), f"{where}.")
+    if "value" not in raw:
+        raise MergeError(f"{where}: a filtered entry needs a 'value'")
+    filt = raw.get("filter")
+    if filt is not None and not isinstance(filt, str):
+        raise MergeError(f"{where}.filter: must be a string such as 'self_attn' or 'mlp'")
+    value = _parse_setting(raw["value"], param, f"{where}.value", allow_filters=False)
+    return Conditional(filt, value)
+
+
+def _parse_parameters(raw: Any, method: MergeMethod, where: str, *, for_base: bool = False) -> dict[str, Setting]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise MergeError(f"{where}: must be a mapping of parameter names to values")
+    names = tuple(method.param_index)
+    result = {}
+    for name, value in raw.items():
+        param = method.param_index.get(name)
+        if param is None:
+            accepted = ", ".join(names) if names else "none"
+            raise MergeError(f"{where}.{name}: {method.name} has no parameter {name!r}"
+                             f"{did_you_mean(str(name), names)}; it accepts: {accepted}")
+        result[name] = _parse_setting(value, param, f"{where}.{name}")
+    return result
+
+
+def _parse_dtype(raw: Any, where: str) -> Optional[torch.dtype]:
+    if raw is None:
+        return None
+    dtype = DTYPES.get(str(raw).lower())
+    if dtype is None:
+        raise MergeError(f"{where}: unknown dtype {raw!r}{did_you_mean(str(raw), DTYPES)}; "
+                         f"use bfloat16, float16 or float32")
+    return dtype
+
+
+def _parse_layer_range(raw: Any, where: str) -> tuple[int, int]:
+    if (not isinstance(raw, list) or len(raw) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in raw)):
+        raise MergeError(f"{where}: must be [start, end] with whole numbers, e.g. [0, 16]")
+    start, end = raw
+    if start < 0 or end <= start:
+        raise MergeError(f"{where}: [{start}, {end}] is empty or negative; end is exclusive and must exceed start")
+    return start, end
+
+
+def parse_config(text: str, *, base_dir: Optional[Path] = None) -> MergeConfig:
+    """Parse and validate a YAML merge config. Raises `MergeError` with a one-line message."""
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "invalid syntax"
+        raise MergeError(f"config: the YAML does not parse{where}: {problem}") from None
+    if not isinstance(raw, dict):
+        raise MergeError("config: expected a YAML mapping with merge_method and models or slices")
+    _check_keys(raw, _TOP_KEYS, "")
+
+    method_name = raw.get("merge_method")
+    if not isinstance(method_name, str):
+        raise MergeError(f"merge_method: required; one of {', '.join(sorted(REGISTRY))}")
+    method = REGISTRY.get(method_name)
+    if method is None:
+        raise MergeError(f"merge_method: unknown method {method_name!r}{did_you_mean(method_name, REGISTRY)}; "
+                         f"supported: {', '.join(sorted(REGISTRY))}")
+    if raw.get("modules") is not None:
+        raise MergeError("modules: multi-module configs are not supported yet; use models or slices")
+    if raw.get("tokenizer") is not None:
+        raise MergeError("tokenizer: the tokenizer block is not supported yet; use tokenizer_source: base "
+                         "or a model reference")
+
+    base_model = parse_model_ref(raw["base_model"], "base_model", base_dir) if raw.get("base_model") else None
+    has_models, has_slices = raw.get("models") is not None, raw.get("slices") is not None
+    if has_models == has_slices:
+        raise MergeError("models/slices: give exactly one of 'models' (whole models) or 'slices' (layer ranges)")
+
+    models = slices = None
+    if has_models:
+        models = _parse_models(raw["models"], method, base_model, base_dir)
+    else:
+        slices = _parse_slices(raw["slices"], method, base_model, base_dir)
+
+    parameters = _parse_parameters(raw.get("parameters"), method, "parameters")
+    tokenizer_source = _parse_tokenizer_source(raw.get("tokenizer_source"), base_model, base_dir)
+    chat_template = _parse_chat_template(raw.get("chat_template"))
+
+    config = MergeConfig(
+        method=method, base_model=base_model, models=models, slices=slices, parameters=parameters,
+        dtype=_parse_dtype(raw.get("dtype"), "dtype"), out_dtype=_parse_dtype(raw.get("out_dtype"), "out_dtype"),
+        tokenizer_source=tokenizer_source, chat_template=chat_template, text=text,
+    )
+    _check_input_counts(config)
+    return config
+
+
+def _parse_models(raw: Any, method: MergeMethod, base: Optional[ModelRef], base_dir) -> tuple[ModelEntry, ...]:
+    if not isinstance(raw, list) or not raw:
+        raise MergeError("models: must be a non-empty list of entries with a 'model' key")
+    entries = []
+    for i, item in enumerate(raw):
+        where = f"models[{i}]"
+        if isinstance(item, str):  # shorthand some configs use: `- org/model`
+            item = {"model": item}
+        if not isinstance(item, dict) or "model" not in item:
+            raise MergeError(f"{where}: each entry needs a 'model' key")
+        _check_keys(item, _MODEL_KEYS, f"{where}.")
+        ref = parse_model_ref(item["model"], f"{where}.model", base_dir)
+        params = _parse_parameters(item.get("parameters"), method, f"{where}.parameters")
+        entries.append(ModelEntry(ref, params))
+    seen = set()
+    for i, entry in enumerate(entries):
+        if entry.model in seen:
+            raise MergeError(f"models[{i}].model: {entry.model} is listed twice; merge each model once")
+        seen.add(entry.model)
+    return tuple(entries)
+
+
+def _parse_slices(raw: Any, method: MergeMethod, base: Optional[ModelRef], base_dir) -> tuple[OutputSlice, ...]:
+    if not isinstance(raw, list) or not raw:
+        raise MergeError("slices: must be a non-empty list of entries with 'sources'")
+    result = []
+    for i, item in enumerate(raw):
+        where = f"slices[{i}]"
+        if not isinstance(item, dict):
+            raise MergeError(f"{where}: each slice is a mapping with 'sources'")
+        _check_keys(item, _SLICE_KEYS, f"{where}.")
+        if "residual_weight" in item:
+            raise MergeError(f"{where}.residual_weight: not supported (mergekit ignores it too); remove it")
+        sources_raw = item.get("sources")
+        if not isinstance(sources_raw, list) or not sources_raw:
+            raise MergeError(f"{where}.sources: must be a non-empty list of {{model, layer_range}} entries")
+        sources = []
+        for j, src in enumerate(sources_raw):
+            src_where = f"{where}.sources[{j}]"
+            if not isinstance(src, dict) or "model" not in src:
+                raise MergeError(f"{src_where}: each source needs 'model' and 'layer_range'")
+            _check_keys(src, _SOURCE_KEYS, f"{src_where}.")
+            if "layer_range" not in src:
+                raise MergeError(f"{src_where}.layer_range: required, e.g. [0, 32] (end exclusive)")
+            sources.append(SliceSource(
+                parse_model_ref(src["model"], f"{src_where}.model", base_dir),
+                _parse_layer_range(src["layer_range"], f"{src_where}.layer_range"),
+                _parse_parameters(src.get("parameters"), method, f"{src_where}.parameters"),
+            ))
+        lengths = {s.layer_range[1] - s.layer_range[0] for s in sources}
+        if len(lengths) > 1:
+            ranges = ", ".join(f"{list(s.layer_range)}" for s in sources)
+            raise MergeError(f"{where}.sources: every source of a slice needs the same number of layers; got {ranges}")
+        slice_base = (parse_model_ref(item["base_model"], f"{where}.base_model", base_dir)
+                      if item.get("base_model") else None)
+        result.append(OutputSlice(tuple(sources), slice_base,
+                                  _parse_parameters(item.get("parameters"), method, f"{where}.parameters")))
+    return tuple(result)
+
+
+def _parse_tokenizer_source(raw: Any, base: Optional[ModelRef], base_dir) -> Optional[Union[str, ModelRef]]:
+    if raw is None:
+        return None
+    if raw == "union":
+        raise MergeError("tokenizer_source: 'union' is not supported yet; use 'base' or a model reference")
+    if raw == "base":
+        if base is None:
+            raise MergeError("tokenizer_source: 'base' needs a base_model; set base_model or name a model")
+        return "base"
+    return parse_model_ref(raw, "tokenizer_source", base_dir)
+
+
+def _parse_chat_template(raw: Any) -> Optional[str]:
+    if raw is None:
+        return None
+    if not isinstance(raw, str) or not raw.strip():
+        raise MergeError(f"chat_template: expected 'auto', one of {', '.join(BUILTIN_CHAT_TEMPLATES)}, "
+                         f"or a Jinja template")
+    if raw in BUILTIN_CHAT_TEMPLATES or raw == "auto":
+        return raw
+    if "{" not in raw:
+        raise MergeError(f"chat_template: unknown template {raw!r}{did_you_mean(raw, BUILTIN_CHAT_TEMPLATES)}; "
+                         f"use auto, {', '.join(BUILTIN_CHAT_TEMPLATES)} or a literal Jinja template")
+    import jinja2
+
+    try:
+        jinja2.Environment().parse(raw)
+    except jinja2.TemplateSyntaxError as exc:
+        raise MergeError(f"chat_template: the Jinja template does not compile (line {exc.lineno}: "
+                         f"{exc.message})") from None
+    return raw
+
+
+def _check_input_counts(config: MergeConfig) -> None:
+    """Base policy and input counts, per output slice, as mergekit's input contracts."""
+    method = config.method
+    groups: list[tuple[str, list[ModelRef], Optional[ModelRef]]] = []
+    if config.models is not None:
+        refs = [e.model for e in config.models]
+        if config.base_model and config.base_model not in refs:
+            refs.append(config.base_model)  # mergekit adds a base that `models` leaves out
+        groups.append(("models", refs, config.base_model))
+    else:
+        for i, out in enumerate(config.slices):
+            groups.append((f"slices[{i}].sources", [s.model for s in out.sources], out.base_model or config.base_model))
+
+    for where, refs, base in groups:
+        if len(set(refs)) != len(refs):
+            raise MergeError(f"{where}: a model appears twice in one merge; list each model once")
+        if method.base is BasePolicy.REQUIRED:
+            if base is None:
+                raise MergeError(f"base_model: {method.name} needs a base_model; add base_model: <the model the "
+                                 f"others were fine-tuned from>")
+            if base not in refs:
+                raise MergeError(f"{where}: the base model {base} must be one of the sources of each slice")
+        counted = len(refs) - (1 if base in refs and method.base is not BasePolicy.IGNORED else 0)
+        what = "models besides the base" if method.base is not BasePolicy.IGNORED else "models"
+        if counted < method.min_models or (method.max_models is not None and counted > method.max_models):
+            if method.max_models is None:
+                expected = f"at least {method.min_models}"
+            elif method.max_models == method.min_models:
+                expected = f"exactly {method.min_models}"
+            else:
+                expected = f"{method.min_models} to {method.max_models}"
+            hint = ""
+            if method.name == "passthrough" and config.models is not None:
+                hint = "; use slices to stack layers from several models"
+            raise MergeError(f"{where}: {method.name} takes {expected} {what}, got {counted}{hint}")

@@ -1,0 +1,20 @@
+"""The one exception type a user of the engine ever needs to catch."""
+
+from __future__ import annotations
+
+import difflib
+from typing import Iterable
+
+
+class MergeError(Exception):
+    """A problem with the user's input: its message is one line that names the field and the fix.
+
+    The CLI prints it without a traceback, the app shows it as-is. Anything that is not a
+    `MergeError` is a bug in mergeline.
+    """
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """A ` (did you mean 'x'?)` suffix for the closest choice, or ``""`` when nothing is close."""
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""

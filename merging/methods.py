@@ -1,0 +1,545 @@
+"""Merge methods: each a small pure function over tensors plus a declaration of its parameters.
+
+The engine hands every function tensors already on the compute device in the compute dtype
+(float32, or float64 when asked) and gets back one tensor of the same shape. Functions never
+load, cast for output or write: that is the engine's job.
+
+Calling convention::
+
+    fn(base, models, *, <shared parameters>, <per-model parameters as lists>, generator)
+
+``base`` is the base model's tensor (``None`` when the method ignores or lacks a base) and
+``models`` the other inputs in config order; a per-model parameter arrives as a list aligned
+with ``models``. Methods that ignore the base (linear, karcher, passthrough) get every input in
+``models``. ``generator`` (a seeded ``torch.Generator``) is passed to randomized methods only.
+
+Semantics and defaults follow mergekit 0.1.5; the docs list where we deliberately differ.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+Tensor = torch.Tensor
+
+REQUIRED: Any = object()
+
+
+class BasePolicy(str, Enum):
+    REQUIRED = "required"  # needs base_model; the base is not among `models`
+    OPTIONAL = "optional"  # uses base_model when one is given
+    IGNORED = "ignored"  # every input, the base included, is one of `models`
+
+
+@dataclass(frozen=True)
+class Parameter:
+    name: str
+    type: type  # float, int or bool
+    default: Any = REQUIRED
+    per_model: bool = False
+    optional: bool = False  # None is an accepted value (passthrough's scale)
+
+    @property
+    def required(self) -> bool:
+        return self.default is REQUIRED
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    name: str
+    title: str
+    fn: Callable[..., Tensor]
+    base: BasePolicy
+    parameters: tuple[Parameter, ...] = ()
+    min_models: int = 1  # inputs in `models` (the base excluded unless the base is ignored)
+    max_models: Optional[int] = None
+    randomized: bool = False
+    # The method treats every element on its own, so the engine may feed it row chunks.
+    elementwise: bool = False
+    reference: str = ""
+    param_index: dict[str, Parameter] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "param_index", {p.name: p for p in self.parameters})
+
+    def __call__(self, base: Optional[Tensor], models: Sequence[Tensor], **params: Any) -> Tensor:
+        return self.fn(base, list(models), **params)
+
+
+REGISTRY: dict[str, MergeMethod] = {}
+
+
+def register(method: MergeMethod) -> MergeMethod:
+    if method.name in REGISTRY:
+        raise ValueError(f"merge method {method.name!r} is registered twice")
+    REGISTRY[method.name] = method
+    return method
+
+
+def get_method(name: str) -> MergeMethod:
+    return REGISTRY[name]
+
+
+# --------------------------------------------------------------------------------------------
+# Building blocks
+
+
+def _l1_rescaled(delta: Tensor, mask: Tensor, rescale: bool) -> Tensor:
+    """Mask `delta`; with `rescale`, scale the survivors to keep the L1 norm (mergekit's rescale)."""
+    masked = delta * mask
+    if not rescale:
+        return masked
+    before = delta.abs().sum()
+    after = masked.abs().sum()
+    if before < 1e-7 or after < 1e-7:
+        return masked
+    return masked * (before / after)
+
+
+def top_k_mask(values: Tensor, k: int) -> Tensor:
+    """Boolean mask of exactly the `k` largest entries of `values` (ties go to lower indices).
+
+    Uses a selection (``kthvalue``), not a sort, so it is linear in the tensor size.
+    """
+    flat = values.reshape(-1)
+    n = flat.numel()
+    if k >= n:
+        return torch.ones_like(values, dtype=torch.bool)
+    if k <= 0:
+        return torch.zeros_like(values, dtype=torch.bool)
+    threshold = torch.kthvalue(flat, n - k + 1).values
+    mask = flat > threshold
+    missing = k - int(mask.sum())
+    if missing > 0:
+        at_threshold = torch.nonzero(flat == threshold).squeeze(1)[:missing]
+        mask[at_threshold] = True
+    return mask.reshape(values.shape)
+
+
+def magnitude_prune(delta: Tensor, density: float, rescale: bool) -> Tensor:
+    """Keep the `density` share of entries with the largest magnitude (TIES)."""
+    if density >= 1:
+        return delta
+    if density <= 0 or delta.numel() == 0:
+        return torch.zeros_like(delta)
+    k = max(1, int(density * delta.numel()))
+    return _l1_rescaled(delta, top_k_mask(delta.abs(), k), rescale)
+
+
+def random_prune(delta: Tensor, density: float, rescale: bool, generator: torch.Generator) -> Tensor:
+    """Keep each entry with probability `density` (DARE)."""
+    if density >= 1:
+        return delta
+    keep = torch.rand(delta.shape, generator=generator, device=delta.device) < density
+    return _l1_rescaled(delta, keep, rescale)
+
+
+def outlier_prune(delta: Tensor, density: float, gamma: float, rescale: bool) -> Tensor:
+    """Drop the `gamma` share of largest magnitudes, then the smallest, keeping `density` (breadcrumbs)."""
+    if density >= 1:
+        return delta
+    n = delta.numel()
+    keep_count = int(density * n)
+    top_count = int(gamma * n)
+    bottom_count = max(0, n - keep_count - top_count)
+    order = torch.sort(delta.abs().reshape(-1), stable=True).indices
+    mask = torch.zeros(n, dtype=torch.bool, device=delta.device)
+    mask[order[bottom_count : bottom_count + keep_count]] = True
+    return _l1_rescaled(delta, mask.reshape(delta.shape), rescale)
+
+
+def rank_prune(
+    delta: Tensor, density: float, epsilon: float, rescale: bool, generator: torch.Generator
+) -> Tensor:
+    """Keep entries with a probability that grows with their magnitude rank per row (DELLA)."""
+    if density >= 1:
+        return delta
+    if density <= 0:
+        return torch.zeros_like(delta)
+    if density + epsilon >= 1 or density - epsilon <= 0:
+        raise ValueError(
+            f"della needs density +/- epsilon inside (0, 1); got density {density} and epsilon {epsilon}"
+        )
+    rows = delta if delta.dim() >= 2 else delta.unsqueeze(0)
+    ranks = rows.abs().argsort(dim=1).argsort(dim=1).to(rows.dtype) + 1
+    low = ranks.min(dim=1, keepdim=True).values
+    high = ranks.max(dim=1, keepdim=True).values
+    spread = ((ranks - low) / (high - low)).clamp(0, 1)
+    probability = (density - epsilon) + spread * 2 * epsilon
+    keep = torch.rand(rows.shape, generator=generator, device=rows.device) < probability
+    return _l1_rescaled(rows, keep, rescale).reshape(delta.shape)
+
+
+def sign_consensus(deltas: Tensor) -> Tensor:
+    """Mask of entries whose sign agrees with the sign of the summed deltas (TIES 'sum' election)."""
+    majority = torch.where(deltas.sum(dim=0) >= 0, 1.0, -1.0).to(deltas.dtype)
+    return deltas.sign() == majority
+
+
+# --------------------------------------------------------------------------------------------
+# Methods
+
+
+def linear(base: None, models: list[Tensor], *, weight: list[float], normalize: bool) -> Tensor:
+    result = torch.zeros_like(models[0])
+    for tensor, w in zip(models, weight):
+        result.add_(tensor, alpha=w)
+    if normalize:
+        result.div_(sum(weight))
+    return result
+
+
+def slerp_pair(t: float, v0: Tensor, v1: Tensor, dot_threshold: float = 0.9995, eps: float = 1e-8) -> Tensor:
+    """Spherical interpolation between two whole tensors, linear when they are (anti)collinear."""
+    norm0 = torch.linalg.vector_norm(v0)
+    norm1 = torch.linalg.vector_norm(v1)
+    norm0 = norm0 if norm0 > eps else torch.ones_like(norm0)
+    norm1 = norm1 if norm1 > eps else torch.ones_like(norm1)
+    dot = ((v0 / norm0) * (v1 / norm1)).sum().clamp(-1, 1)
+    if dot.abs() > dot_threshold:
+        return (1 - t) * v0 + t * v1
+    theta = torch.acos(dot)
+    sin_theta = torch.sin(theta)
+    return (torch.sin((1 - t) * theta) / sin_theta) * v0 + (torch.sin(t * theta) / sin_theta) * v1
+
+
+def slerp(base: Tensor, models: list[Tensor], *, t: float) -> Tensor:
+    return slerp_pair(t, base, models[0])
+
+
+def _nuslerp_pair(t: float, v0: Tensor, v1: Tensor, row_wise: bool, flatten: bool, eps: float = 1e-8) -> Tensor:
+    shape = v0.shape
+    if flatten:
+        v0, v1 = v0.reshape(-1), v1.reshape(-1)
+    elif row_wise:
+        v0, v1 = v0.transpose(0, -1), v1.transpose(0, -1)
+
+    def unit(x: Tensor) -> Tensor:
+        return x / torch.norm(x, dim=-1, keepdim=True).clamp(min=1e-7)
+
+    cos_theta = (unit(v0) * unit(v1)).sum(dim=-1, keepdim=True).clamp(-1, 1)
+    collinear = (1 - cos_theta.square()) <= eps**2
+    theta = torch.acos(torch.where(collinear, 0, cos_theta))
+    sin_theta = torch.sin(theta)
+    result = (torch.sin((1 - t) * theta) * v0 + torch.sin(t * theta) * v1) / sin_theta
+    result = torch.where(collinear, (1 - t) * v0 + t * v1, result)
+    if row_wise and not flatten:
+        result = result.transpose(0, -1)
+    return result.reshape(shape)
+
+
+def nuslerp(
+    base: Optional[Tensor],
+    models: list[Tensor],
+    *,
+    weight: list[float],
+    nuslerp_row_wise: bool,
+    nuslerp_flatten: bool,
+) -> Tensor:
+    total = sum(weight)
+    t = 0.5 if abs(total) < 1e-6 else weight[1] / total
+    if base is None:
+        return _nuslerp_pair(t, models[0], models[1], nuslerp_row_wise, nuslerp_flatten)
+    return base + _nuslerp_pair(t, models[0] - base, models[1] - base, nuslerp_row_wise, nuslerp_flatten)
+
+
+def multislerp(
+    base: Optional[Tensor], models: list[Tensor], *, weight: list[float], normalize_weights: bool, eps: float
+) -> Tensor:
+    if len(models) == 1:
+        return models[0]
+    stacked = torch.stack(models)
+    if base is not None:
+        stacked -= base
+    flat = stacked.reshape(len(models), -1)
+    weights = torch.tensor(weight, dtype=flat.dtype, device=flat.device)
+    if normalize_weights:
+        weights = weights / weights.sum()
+    norms = torch.norm(flat, dim=-1, keepdim=True)
+    units = flat / (norms + eps)
+    mean = (units * weights.view(-1, 1)).sum(0)
+    mean_norm = torch.norm(mean)
+    if mean_norm < eps:
+        if len(models) != 2:
+            raise ValueError("multislerp: the weighted inputs cancel out (antipodal tensors); change the weights")
+        result = (flat[0] * weights[0] + flat[1] * weights[1]).view(stacked.shape[1:])
+        return result if base is None else result + base
+    mean = mean / mean_norm
+    tangents = units - (units * mean).sum(-1, keepdim=True) * mean
+    tangent = (tangents * weights.view(-1, 1)).sum(0)
+    tangent_norm = torch.norm(tangent) + eps
+    result = mean * torch.cos(tangent_norm) + tangent * (torch.sin(tangent_norm) / tangent_norm)
+    result = (result * (norms.squeeze(-1) * weights).sum()).view(stacked.shape[1:])
+    return result if base is None else result + base
+
+
+def karcher(base: None, models: list[Tensor], *, max_iter: int, tol: float) -> Tensor:
+    """Weighted Karcher (Riemannian) mean of the inputs on the unit sphere, rescaled by their mean norm."""
+    if len(models) == 1:
+        return models[0]
+    alphas = [1.0 / len(models)] * len(models)
+    norms = [torch.linalg.vector_norm(m) for m in models]
+    valid = [i for i, n in enumerate(norms) if n.item() > tol]
+    if not valid:
+        return torch.zeros_like(models[0])
+    valid_alphas = [alphas[i] for i in valid]
+    total = sum(valid_alphas)
+    valid_alphas = [a / total for a in valid_alphas]
+    units = [models[i] / norms[i] for i in valid]
+
+    mean = sum(a * u for a, u in zip(valid_alphas, units))
+    mean_norm = torch.linalg.vector_norm(mean)
+    mean = units[0].clone() if mean_norm.item() < tol else mean / mean_norm
+    for _ in range(max_iter):
+        tangent = torch.zeros_like(mean)
+        for a, u in zip(valid_alphas, units):
+            dot = torch.clamp(torch.dot(mean.flatten(), u.flatten()), -1.0, 1.0)
+            theta = torch.arccos(dot)
+            if theta.item() < tol:
+                continue
+            tangent += a * (theta / torch.sin(theta)) * (u - dot * mean)
+        tangent_norm = torch.linalg.vector_norm(tangent)
+        if tangent_norm.item() < tol:
+            break
+        mean = torch.cos(tangent_norm) * mean + torch.sin(tangent_norm) * (tangent / tangent_norm)
+        unit_norm = torch.linalg.vector_norm(mean)
+        if unit_norm.item() > tol:
+            mean = mean / unit_norm
+    return sum(a * n for a, n in zip(alphas, norms)) * mean
+
+
+class Sparsify(str, Enum):
+    MAGNITUDE = "magnitude"
+    RANDOM = "random"
+    OUTLIERS = "magnitude_outliers"
+    RANK = "della_magprune"
+
+
+def task_arithmetic_family(sparsify: Optional[Sparsify], consensus: bool) -> Callable[..., Tensor]:
+    """Task-vector merges: prune each delta, weight it, elect signs, sum, normalize, scale."""
+
+    def merge(
+        base: Tensor,
+        models: list[Tensor],
+        *,
+        weight: list[float],
+        density: list[float],
+        normalize: bool,
+        rescale: bool,
+        int8_mask: bool,  # a memory knob in mergekit; masks here are boolean already
+        generator: Optional[torch.Generator] = None,
+        gamma: Optional[list[float]] = None,
+        epsilon: Optional[list[float]] = None,
+        **keyword_named: float,  # `lambda` cannot be a Python parameter name
+    ) -> Tensor:
+        if not models:
+            return base
+        deltas = torch.empty((len(models), *base.shape), dtype=base.dtype, device=base.device)
+        for i, model in enumerate(models):
+            delta = torch.sub(model, base, out=deltas[i])
+            if sparsify is Sparsify.MAGNITUDE:
+                deltas[i] = magnitude_prune(delta, density[i], rescale)
+            elif sparsify is Sparsify.RANDOM:
+                deltas[i] = random_prune(delta, density[i], rescale, generator)
+            elif sparsify is Sparsify.OUTLIERS:
+                deltas[i] = outlier_prune(delta, density[i], gamma[i], rescale)
+            elif sparsify is Sparsify.RANK:
+                deltas[i] = rank_prune(delta, density[i], epsilon[i], rescale, generator)
+        weights = torch.tensor(weight, dtype=deltas.dtype, device=deltas.device).view(-1, *([1] * base.dim()))
+        deltas.mul_(weights)
+        if consensus:
+            mask = sign_consensus(deltas)
+            mixed = (deltas * mask).sum(dim=0)
+            divisor = (weights * mask).sum(dim=0)
+            divisor[divisor == 0] = 1
+        else:
+            mixed = deltas.sum(dim=0)
+            divisor = weights.sum(dim=0)
+            divisor[divisor.abs() < 1e-8] = 1
+        if normalize:
+            mixed /= divisor
+        scale = keyword_named["lambda"]
+        if scale != 1:
+            mixed *= scale
+        return base + mixed
+
+    return merge
+
+
+def model_stock(base: Tensor, models: list[Tensor], *, filter_wise: bool) -> Tensor:
+    shape = base.shape
+    if filter_wise:
+        w0 = base.unsqueeze(0) if base.dim() == 1 else base
+        ws = [m.unsqueeze(0) if m.dim() == 1 else m for m in models]
+    else:
+        w0 = base.reshape(-1)
+        ws = [m.reshape(-1) for m in models]
+    offsets = [w - w0 for w in ws]
+    cosines = []
+    for i, a in enumerate(offsets):
+        for b in offsets[i + 1 :]:
+            norms = torch.norm(a, dim=-1) * torch.norm(b, dim=-1)
+            cosines.append(((a * b).sum(dim=-1) / norms.clamp(min=1e-6)).clamp(-1, 1))
+    cos_theta = torch.stack(cosines).mean(dim=0).unsqueeze(-1)
+    n = len(ws)
+    denominator = 1 + (n - 1) * cos_theta
+    singular = denominator.abs() < 1e-6
+    t = torch.where(singular, 0.0, n * cos_theta / torch.where(singular, 1.0, denominator))
+    average = sum(ws) / n
+    return (t * average + (1 - t) * w0).reshape(shape)
+
+
+def sce(base: Tensor, models: list[Tensor], *, select_topk: float, int8_mask: bool) -> Tensor:
+    if not models:
+        return base
+    deltas = torch.stack([m - base for m in models])
+    if select_topk < 1:
+        deltas = deltas * _variance_top_k(deltas, select_topk)
+    erase = sign_consensus(deltas)
+    energy = deltas.square().reshape(len(models), -1).mean(dim=1)
+    total = energy.sum().item()
+    weights = torch.full_like(energy, 1 / len(models)) if abs(total) < 1e-6 else energy / total
+    weights = weights.view(-1, *([1] * base.dim())) * erase
+    return base + (deltas * weights).sum(dim=0) / weights.sum(dim=0).clamp(min=1e-6)
+
+
+def _variance_top_k(deltas: Tensor, density: float) -> Tensor:
+    if density <= 0:
+        return torch.zeros_like(deltas[0], dtype=torch.bool)
+    variance = torch.var(deltas, dim=0, unbiased=False)
+    k = int(torch.count_nonzero(variance) * density)
+    return top_k_mask(variance.abs(), k)
+
+
+def nearswap(base: Tensor, models: list[Tensor], *, t: float) -> Tensor:
+    other = models[0]
+    weight = (t / (base - other).abs().clamp(min=1e-6)).clamp(0, 1)
+    return weight * other + (1 - weight) * base
+
+
+def arcee_fusion(base: Tensor, models: list[Tensor], *, generator: torch.Generator) -> Tensor:
+    other = models[0]
+    p = F.softmax(other, dim=-1) + 1e-8
+    q = F.softmax(base, dim=-1) + 1e-8
+    importance = (other - base).abs() * torch.sum(p * torch.log(p / q), dim=-1, keepdim=True)
+    q1, median, q3 = _approximate_quantiles(importance, (0.25, 0.5, 0.75), generator)
+    mask = importance >= median + 1.5 * (q3 - q1)
+    return base + (other - base) * mask
+
+
+_QUANTILE_SAMPLE = 1_000_000
+
+
+def _approximate_quantiles(values: Tensor, qs: Sequence[float], generator: torch.Generator) -> list[Tensor]:
+    flat = values.reshape(-1)
+    if flat.numel() > _QUANTILE_SAMPLE:
+        flat = flat[torch.randint(flat.numel(), (_QUANTILE_SAMPLE,), generator=generator, device=flat.device)]
+    ordered = torch.sort(flat).values
+    return [ordered[int(q * (ordered.numel() - 1))] for q in qs]
+
+
+def _ram_masks(base: Tensor, models: list[Tensor], epsilon: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    deltas = torch.stack([m - base for m in models]).reshape(len(models), -1)
+    nonzero = deltas.abs() > epsilon
+    counts = nonzero.sum(dim=0, keepdim=True)
+    return deltas * nonzero, nonzero, counts, counts > 1, counts == 1
+
+
+def ram(base: Tensor, models: list[Tensor], *, epsilon: float) -> Tensor:
+    if not models:
+        return base
+    deltas, _, counts, overlap, unique = _ram_masks(base, models, epsilon)
+    merged = (deltas * unique + deltas * overlap / counts.clamp(min=1)).sum(dim=0)
+    return base + merged.reshape(base.shape)
+
+
+def ramplus_tl(base: Tensor, models: list[Tensor], *, r: float, alpha: float, epsilon: float) -> Tensor:
+    if not models:
+        return base
+    deltas, nonzero, counts, overlap, unique = _ram_masks(base, models, epsilon)
+    rho = (nonzero & overlap).sum(dim=1) / (nonzero & unique).sum(dim=1).clamp(min=epsilon)
+    boost = (1 + r * rho.clamp(min=0, max=alpha)).unsqueeze(-1)
+    merged = (deltas * unique * boost + deltas * overlap / counts.clamp(min=1)).sum(dim=0)
+    return base + merged.reshape(base.shape)
+
+
+def passthrough(base: None, models: list[Tensor], *, scale: list[Optional[float]]) -> Tensor:
+    return models[0] if scale[0] is None else models[0] * scale[0]
+
+
+# --------------------------------------------------------------------------------------------
+# Registry
+
+_WEIGHT = Parameter("weight", float, per_model=True)
+
+register(MergeMethod("linear", "Linear (model soup)", linear, BasePolicy.IGNORED,
+                     (_WEIGHT, Parameter("normalize", bool, True)), elementwise=True,
+                     reference="https://arxiv.org/abs/2203.05482"))
+register(MergeMethod("slerp", "SLERP", slerp, BasePolicy.REQUIRED, (Parameter("t", float),),
+                     min_models=1, max_models=1, reference="https://en.wikipedia.org/wiki/Slerp"))
+register(MergeMethod("nuslerp", "NuSLERP", nuslerp, BasePolicy.OPTIONAL,
+                     (_WEIGHT, Parameter("nuslerp_row_wise", bool, False), Parameter("nuslerp_flatten", bool, True)),
+                     min_models=2, max_models=2))
+register(MergeMethod("multislerp", "Multi-SLERP", multislerp, BasePolicy.OPTIONAL,
+                     (_WEIGHT, Parameter("normalize_weights", bool, True), Parameter("eps", float, 1e-8)),
+                     reference="https://goddard.blog/posts/multislerp-wow-what-a-cool-idea"))
+register(MergeMethod("karcher", "Karcher mean", karcher, BasePolicy.IGNORED,
+                     (Parameter("max_iter", int, 10), Parameter("tol", float, 1e-5)),
+                     reference="https://en.wikipedia.org/wiki/Karcher_mean"))
+
+
+def _task_arithmetic(name: str, title: str, sparsify: Optional[Sparsify], consensus: bool,
+                     normalize: bool, rescale: bool, reference: str) -> MergeMethod:
+    params = [
+        Parameter("int8_mask", bool, False),
+        Parameter("normalize", bool, normalize),
+        Parameter("rescale", bool, rescale),
+        Parameter("lambda", float, 1.0),
+        _WEIGHT,
+        Parameter("density", float, 1.0, per_model=True),
+    ]
+    if sparsify is Sparsify.OUTLIERS:
+        params.append(Parameter("gamma", float, 0.01, per_model=True))
+    if sparsify is Sparsify.RANK:
+        params.append(Parameter("epsilon", float, 0.15, per_model=True))
+    randomized = sparsify in (Sparsify.RANDOM, Sparsify.RANK)
+    return register(MergeMethod(name, title, task_arithmetic_family(sparsify, consensus), BasePolicy.REQUIRED,
+                                tuple(params), randomized=randomized, reference=reference))
+
+
+_task_arithmetic("task_arithmetic", "Task arithmetic", None, False, False, False, "https://arxiv.org/abs/2212.04089")
+_task_arithmetic("ties", "TIES", Sparsify.MAGNITUDE, True, True, False, "https://arxiv.org/abs/2306.01708")
+_task_arithmetic("dare_ties", "DARE-TIES", Sparsify.RANDOM, True, False, True, "https://arxiv.org/abs/2311.03099")
+_task_arithmetic("dare_linear", "DARE (linear)", Sparsify.RANDOM, False, False, True, "https://arxiv.org/abs/2311.03099")
+_task_arithmetic("breadcrumbs", "Model Breadcrumbs", Sparsify.OUTLIERS, False, False, False,
+                 "https://arxiv.org/abs/2312.06795")
+_task_arithmetic("breadcrumbs_ties", "Model Breadcrumbs + TIES", Sparsify.OUTLIERS, True, False, False,
+                 "https://arxiv.org/abs/2312.06795")
+_task_arithmetic("della", "DELLA", Sparsify.RANK, True, True, True, "https://arxiv.org/abs/2406.11617")
+_task_arithmetic("della_linear", "DELLA (linear)", Sparsify.RANK, False, False, True, "https://arxiv.org/abs/2406.11617")
+
+register(MergeMethod("model_stock", "Model Stock", model_stock, BasePolicy.REQUIRED,
+                     (Parameter("filter_wise", bool, False),), min_models=2,
+                     reference="https://arxiv.org/abs/2403.19522"))
+register(MergeMethod("sce", "SCE", sce, BasePolicy.REQUIRED,
+                     (Parameter("int8_mask", bool, False), Parameter("select_topk", float, 1.0)),
+                     reference="https://arxiv.org/abs/2408.07990"))
+register(MergeMethod("nearswap", "NearSwap", nearswap, BasePolicy.REQUIRED, (Parameter("t", float),),
+                     min_models=1, max_models=1, elementwise=True,
+                     reference="https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001"))
+register(MergeMethod("arcee_fusion", "Arcee Fusion", arcee_fusion, BasePolicy.REQUIRED, (),
+                     min_models=1, max_models=1, randomized=True, reference="https://arcee.ai"))
+register(MergeMethod("ram", "Reinforced Agent Merging", ram, BasePolicy.REQUIRED,
+                     (Parameter("epsilon", float, 1e-5),), reference="https://arxiv.org/abs/2601.13572"))
+register(MergeMethod("ramplus_tl", "RAM+ (tensor-local)", ramplus_tl, BasePolicy.REQUIRED,
+                     (Parameter("r", float, 0.1), Parameter("alpha", float, 0.2), Parameter("epsilon", float, 1e-5)),
+                     reference="https://arxiv.org/abs/2601.13572"))
+register(MergeMethod("passthrough", "Passthrough", passthrough, BasePolicy.IGNORED,
+                     (Parameter("scale", float, None, per_model=True, optional=True),),
+                     max_models=1, elementwise=True))
+

@@ -1,0 +1,224 @@
+"""The safetensors format, read and written in place, one tensor at a time.
+
+Reading: a tensor's bytes are read with one positioned read into a fresh buffer. No mmap, so
+memory use is the tensors we hold, not the pages of the input files a mapping would keep
+resident; a row range can be read without touching the rest of the tensor.
+
+Writing: the plan knows every output tensor's name, dtype and shape before the first one is
+merged, so each shard's header is written up front and every tensor goes straight to its offset
+as it is produced. Nothing waits in a shard buffer; a shard is never copied again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Iterable, Optional, Sequence
+
+import torch
+
+DTYPE_CODES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+CODE_OF: dict[torch.dtype, str] = {dtype: code for code, dtype in DTYPE_CODES.items()}
+_ALIGN = 8  # tensor data starts 8-byte aligned, as the reference writer does
+
+
+@dataclass(frozen=True)
+class TensorHeader:
+    """Where one tensor lives and what it is, from a safetensors header."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    file: str  # file name relative to the model directory
+    start: int = 0  # absolute byte offset of the data in the file (0 when only metadata is known)
+    nbytes: int = 0
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+def dtype_from_code(code: str, where: str) -> torch.dtype:
+    try:
+        return DTYPE_CODES[code]
+    except KeyError:
+        raise ValueError(f"{where}: unsupported safetensors dtype {code}") from None
+
+
+def read_header(path: Path, file_name: Optional[str] = None) -> dict[str, TensorHeader]:
+    """Parse one .safetensors file's header (a few KB read; no tensor data)."""
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        if length > 100_000_000:
+            raise ValueError(f"{path.name}: not a safetensors file (header of {length} bytes)")
+        header = json.loads(f.read(length))
+    data_start = 8 + length
+    return headers_from_json(header, file_name or path.name, data_start)
+
+
+def headers_from_json(header: dict, file_name: str, data_start: int = 0) -> dict[str, TensorHeader]:
+    result = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        begin, end = info["data_offsets"]
+        result[name] = TensorHeader(name, dtype_from_code(info["dtype"], f"{file_name}:{name}"),
+                                    tuple(info["shape"]), file_name, data_start + begin, end - begin)
+    return result
+
+
+class TensorReader:
+    """Reads tensors of one model directory by name, keeping its files open."""
+
+    def __init__(self, root: Path, headers: dict[str, TensorHeader]):
+        self.root = root
+        self.headers = headers
+        self._files: dict[str, BinaryIO] = {}
+
+    def _file(self, name: str) -> BinaryIO:
+        handle = self._files.get(name)
+        if handle is None:
+            handle = self._files[name] = open(self.root / name, "rb", buffering=0)
+        return handle
+
+    def read(self, name: str, rows: Optional[tuple[int, int]] = None) -> torch.Tensor:
+        """The tensor `name`, or only rows ``[start, end)`` of its first dimension."""
+        header = self.headers[name]
+        shape = list(header.shape)
+        start, nbytes = header.start, header.nbytes
+        if rows is not None:
+            row_bytes = nbytes // shape[0] if shape and shape[0] else 0
+            start += rows[0] * row_bytes
+            nbytes = (rows[1] - rows[0]) * row_bytes
+            shape[0] = rows[1] - rows[0]
+        if nbytes == 0:
+            return torch.empty(shape, dtype=header.dtype)
+        buffer = bytearray(nbytes)
+        view = memoryview(buffer)
+        handle = self._file(header.file)
+        done = 0
+        while done < nbytes:  # os.preadv may return short reads on large requests
+            got = os.preadv(handle.fileno(), [view[done:]], start + done)
+            if got == 0:
+                raise OSError(f"{header.file}: file ends inside tensor {name}")
+            done += got
+        return torch.frombuffer(buffer, dtype=header.dtype).reshape(shape)
+
+    def close(self) -> None:
+        for handle in self._files.values():
+            handle.close()
+        self._files.clear()
+
+
+@dataclass(frozen=True)
+class OutputTensor:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        n = self.dtype.itemsize
+        for d in self.shape:
+            n *= d
+        return n
+
+
+def shard_layout(tensors: Sequence[OutputTensor], max_shard_bytes: int) -> list[list[OutputTensor]]:
+    """Split tensors, in order, into shards of at most `max_shard_bytes` (a larger tensor gets its own)."""
+    shards: list[list[OutputTensor]] = [[]]
+    size = 0
+    for tensor in tensors:
+        if shards[-1] and size + tensor.nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(tensor)
+        size += tensor.nbytes
+    return shards if shards[0] else []
+
+
+def shard_file_names(count: int) -> list[str]:
+    if count == 1:
+        return ["model.safetensors"]
+    return [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+
+
+class ShardedWriter:
+    """Writes a checkpoint whose tensor list is known in advance, tensor by tensor, in any order."""
+
+    def __init__(self, directory: Path, tensors: Sequence[OutputTensor], max_shard_bytes: int,
+                 metadata: Optional[dict[str, str]] = None):
+        self.directory = directory
+        self.shards = shard_layout(tensors, max_shard_bytes)
+        self.names = shard_file_names(len(self.shards))
+        self._where: dict[str, tuple[int, int, OutputTensor]] = {}
+        self._handles: list[BinaryIO] = []
+        self._written: set[str] = set()
+        meta = {"format": "pt", **(metadata or {})}
+        for index, (name, shard) in enumerate(zip(self.names, self.shards)):
+            header: dict[str, object] = {"__metadata__": meta}
+            offset = 0
+            for tensor in shard:
+                header[tensor.name] = {"dtype": CODE_OF[tensor.dtype], "shape": list(tensor.shape),
+                                       "data_offsets": [offset, offset + tensor.nbytes]}
+                offset += tensor.nbytes
+            encoded = json.dumps(header, separators=(",", ":")).encode()
+            encoded += b" " * (-len(encoded) % _ALIGN)
+            data_start = 8 + len(encoded)
+            handle = open(directory / name, "wb")
+            handle.write(struct.pack("<Q", len(encoded)) + encoded)
+            handle.truncate(data_start + offset)
+            self._handles.append(handle)
+            running = data_start
+            for tensor in shard:
+                self._where[tensor.name] = (index, running, tensor)
+                running += tensor.nbytes
+
+    def write(self, name: str, tensor: torch.Tensor, row_offset: int = 0) -> None:
+        """Write `tensor` as output `name` (or as its rows starting at `row_offset`)."""
+        index, start, spec = self._where[name]
+        if tensor.dtype != spec.dtype:
+            raise TypeError(f"{name}: planned as {spec.dtype}, got {tensor.dtype}")
+        data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+        if row_offset:
+            start += row_offset * (spec.nbytes // spec.shape[0])
+        os.pwrite(self._handles[index].fileno(), memoryview(data), start)
+        if not spec.shape or row_offset + tensor.shape[0] == spec.shape[0]:  # the last rows landed
+            self._written.add(name)
+
+    def close(self) -> list[str]:
+        """Flush shards, write the index when sharded; return the file names written."""
+        missing = [t.name for shard in self.shards for t in shard if t.name not in self._written]
+        for handle in self._handles:
+            handle.close()
+        self._handles.clear()
+        if missing:
+            raise RuntimeError(f"tensors planned but never written: {missing[:5]}")
+        files = list(self.names)
+        if len(self.shards) > 1:
+            index = {
+                "metadata": {"total_size": sum(t.nbytes for shard in self.shards for t in shard)},
+                "weight_map": {t.name: file for file, shard in zip(self.names, self.shards) for t in shard},
+            }
+            (self.directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+            files.append("model.safetensors.index.json")
+        return files
+
+    def abort(self) -> None:
+        for handle in self._handles:
+            handle.close()
+        self._handles.clear()
+
+
+def total_bytes(tensors: Iterable[OutputTensor]) -> int:
+    return sum(t.nbytes for t in tensors)

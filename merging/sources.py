@@ -1,0 +1,218 @@
+"""Input models: what they contain (headers only) and getting their files (local or from the Hub).
+
+`inspect_model` learns a model's config.json and every tensor's name, dtype and shape without
+reading weights: from local safetensors headers, or from the Hub's safetensors metadata API (a
+few KB of range requests per shard). `fetch_model` later downloads only the files the plan needs.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .config import ModelRef
+from .errors import MergeError
+from .safetensors_io import TensorHeader, TensorReader, dtype_from_code, read_header
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "vocab.txt",
+                   "spiece.model")
+# Small files every merge wants from the models it copies them from.
+SIDE_FILES = ("config.json", "generation_config.json", "README.md") + TOKENIZER_FILES
+_PICKLE_FILE = re.compile(r"^pytorch_model(-\d+-of-\d+)?\.bin$")
+
+
+@dataclass
+class ModelSource:
+    """One input model: its config, its tensors' headers and, once fetched, its local directory."""
+
+    ref: ModelRef
+    config: dict
+    tensors: dict[str, TensorHeader]
+    file_sizes: dict[str, int] = field(default_factory=dict)  # weight files only
+    license: Optional[str] = None
+    local_dir: Optional[Path] = None
+    pickled: bool = False
+    commit: Optional[str] = None  # the Hub commit the headers were read at; downloads pin to it
+
+    @property
+    def label(self) -> str:
+        return str(self.ref)
+
+    def files_for(self, tensor_names: set[str]) -> set[str]:
+        return {self.tensors[name].file for name in tensor_names}
+
+    def reader(self) -> "TensorReader | PickleReader":
+        if self.local_dir is None:
+            raise RuntimeError(f"{self.label} has not been fetched")
+        return PickleReader(self.local_dir, self.tensors) if self.pickled else TensorReader(self.local_dir, self.tensors)
+
+
+class PickleReader:
+    """Reads `pytorch_model*.bin` shards with ``weights_only=True`` and mmap, only when allowed."""
+
+    def __init__(self, root: Path, headers: dict[str, TensorHeader]):
+        self.root, self.headers = root, headers
+        self._loaded: dict[str, dict[str, torch.Tensor]] = {}
+
+    def read(self, name: str, rows: Optional[tuple[int, int]] = None) -> torch.Tensor:
+        file = self.headers[name].file
+        if file not in self._loaded:
+            self._loaded[file] = torch.load(self.root / file, map_location="cpu", weights_only=True, mmap=True)
+        tensor = self._loaded[file][name]
+        return (tensor if rows is None else tensor[rows[0]:rows[1]]).clone()
+
+    def close(self) -> None:
+        self._loaded.clear()
+
+
+def _card_license(text: str) -> Optional[str]:
+    """The `license:` of a model card's YAML front matter, if it has one."""
+    match = re.match(r"^---\s*\n(.*?)\n---\s*(\n|$)", text, re.S)
+    if not match:
+        return None
+    import yaml
+
+    try:
+        meta = yaml.safe_load(match.group(1))
+    except yaml.YAMLError:
+        return None
+    value = meta.get("license") if isinstance(meta, dict) else None
+    return str(value) if value else None
+
+
+def _local_headers(root: Path, label: str, allow_pickle: bool) -> tuple[dict[str, TensorHeader], dict[str, int], bool]:
+    index = root / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        files = sorted(p.name for p in root.glob("*.safetensors"))
+    if files:
+        headers: dict[str, TensorHeader] = {}
+        for name in files:
+            path = root / name
+            if not path.is_file():
+                raise MergeError(f"{label}: the index names {name}, which is missing")
+            headers.update(read_header(path, name))
+        return headers, {name: (root / name).stat().st_size for name in files}, False
+    pickles = sorted(p.name for p in root.iterdir() if _PICKLE_FILE.match(p.name))
+    if not pickles:
+        raise MergeError(f"{label}: no safetensors weights found in {root}")
+    if not allow_pickle:
+        raise MergeError(f"{label}: has only pickled .bin weights; pass --allow-pickle to load them "
+                         f"(with weights_only=True), or use a safetensors copy")
+    headers = {}
+    for name in pickles:
+        state = torch.load(root / name, map_location="cpu", weights_only=True, mmap=True)
+        for key, tensor in state.items():
+            headers[key] = TensorHeader(key, tensor.dtype, tuple(tensor.shape), name, 0,
+                                        tensor.numel() * tensor.element_size())
+    return headers, {name: (root / name).stat().st_size for name in pickles}, True
+
+
+def inspect_model(ref: ModelRef, *, token: Optional[str] = None, allow_pickle: bool = False,
+                  cache_dir: Optional[Path] = None) -> ModelSource:
+    """Learn a model's config and tensor headers without reading its weights."""
+    if ref.local:
+        root = Path(ref.path)
+        config_path = root / "config.json"
+        if not config_path.is_file():
+            raise MergeError(f"{ref}: no config.json in {root}; point at a Hugging Face model directory")
+        headers, sizes, pickled = _local_headers(root, str(ref), allow_pickle)
+        readme = root / "README.md"
+        license_ = _card_license(readme.read_text(errors="replace")) if readme.is_file() else None
+        return ModelSource(ref, _read_json(config_path, ref), headers, sizes, license_, root, pickled)
+    return _inspect_hub_model(ref, token=token, allow_pickle=allow_pickle, cache_dir=cache_dir)
+
+
+def _read_json(path: Path, ref: ModelRef) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise MergeError(f"{ref}: {path.name} is not valid JSON ({exc})") from None
+
+
+def _hub_error(ref: ModelRef, exc: Exception) -> MergeError:
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+
+    if isinstance(exc, GatedRepoError):
+        return MergeError(f"{ref}: the repo is gated; accept its terms on the Hub and pass a token with access")
+    if isinstance(exc, RevisionNotFoundError):
+        return MergeError(f"{ref}: revision {ref.revision!r} does not exist on the Hub")
+    if isinstance(exc, RepositoryNotFoundError):
+        return MergeError(f"{ref}: no such model on the Hub (or it is private: pass a token that can read it)")
+    return MergeError(f"{ref}: could not reach the Hub ({type(exc).__name__}: {str(exc).splitlines()[0]})")
+
+
+def _inspect_hub_model(ref: ModelRef, *, token: Optional[str], allow_pickle: bool,
+                       cache_dir: Optional[Path]) -> ModelSource:
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
+
+    api = HfApi(token=token)
+    repo = ref.path
+    try:
+        info = api.model_info(repo, revision=ref.revision, files_metadata=True)
+        siblings = {s.rfilename: (s.size or 0) for s in (info.siblings or [])}
+        if "config.json" not in siblings:
+            raise MergeError(f"{ref}: the repo has no config.json; is it a transformers model?")
+        config_path = api.hf_hub_download(repo, "config.json", revision=info.sha, cache_dir=cache_dir)
+        card = info.card_data.to_dict() if info.card_data is not None else {}
+        license_ = card.get("license")
+        safetensor_files = [f for f in siblings if f.endswith(".safetensors")]
+        if safetensor_files:
+            meta = api.get_safetensors_metadata(repo, revision=info.sha)
+            headers = {}
+            for file, file_meta in meta.files_metadata.items():
+                for name, t in file_meta.tensors.items():
+                    begin, end = t.data_offsets
+                    headers[name] = TensorHeader(name, dtype_from_code(t.dtype, f"{ref}:{name}"), tuple(t.shape),
+                                                 file, 0, end - begin)
+            sizes = {f: siblings.get(f, 0) for f in meta.files_metadata}
+            pickled = False
+        else:
+            pickles = [f for f in siblings if _PICKLE_FILE.match(f)]
+            if not pickles:
+                raise MergeError(f"{ref}: the repo has no safetensors or pytorch_model.bin weights")
+            if not allow_pickle:
+                raise MergeError(f"{ref}: has only pickled .bin weights; pass --allow-pickle to load them "
+                                 f"(with weights_only=True), or pick a safetensors copy")
+            headers, sizes, pickled = {}, {f: siblings[f] for f in pickles}, True
+    except MergeError:
+        raise
+    except (HfHubHTTPError, EntryNotFoundError, OSError) as exc:
+        raise _hub_error(ref, exc) from None
+    return ModelSource(ref, _read_json(Path(config_path), ref), headers, sizes,
+                       str(license_) if license_ else None, None, pickled, info.sha)
+
+
+def fetch_model(source: ModelSource, weight_files: set[str], *, token: Optional[str] = None,
+                cache_dir: Optional[Path] = None) -> None:
+    """Download the given weight files plus config/tokenizer files, then re-read exact headers."""
+    if source.ref.local:
+        return
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError
+
+    patterns = sorted(weight_files | set(SIDE_FILES))
+    if source.pickled:  # headers come from the files themselves
+        patterns = sorted(set(source.file_sizes) | set(SIDE_FILES))
+    try:
+        path = snapshot_download(source.ref.path, revision=source.commit or source.ref.revision,
+                                 allow_patterns=patterns, cache_dir=cache_dir, token=token)
+    except (HfHubHTTPError, OSError) as exc:
+        raise _hub_error(source.ref, exc) from None
+    root = Path(path)
+    if source.pickled:
+        headers, _, _ = _local_headers(root, source.label, allow_pickle=True)
+    else:
+        headers = dict(source.tensors)
+        for file in weight_files:
+            headers.update(read_header(root / file, file))
+    source.tensors = headers
+    source.local_dir = root

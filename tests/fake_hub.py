@@ -1,0 +1,206 @@
+"""A loopback stand-in for the Hugging Face Hub, reached through the real `huggingface_hub` client.
+
+It serves repos from local directories: model info (with siblings, card data, tags), file
+downloads with HEAD and Range requests (what `hf_hub_download`, `snapshot_download` and the
+safetensors metadata API use), and child listings by `base_model:` filters. It records every
+request so tests can assert what was (and was not) downloaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import threading
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Optional
+from urllib.parse import parse_qs, unquote, urlparse
+
+
+@dataclass
+class FakeRepo:
+    repo_id: str
+    root: Path
+    sha: str = ""
+    card_data: dict = field(default_factory=dict)
+    tags: list = field(default_factory=list)
+    gated: bool = False
+    private: bool = False
+    downloads: int = 0
+    likes: int = 0
+    extra: dict = field(default_factory=dict)  # more model-info keys (baseModels, childrenModelCount, ...)
+
+    def files(self) -> list[str]:
+        return sorted(str(p.relative_to(self.root)) for p in self.root.rglob("*") if p.is_file())
+
+
+class FakeHub:
+    def __init__(self) -> None:
+        self.repos: dict[str, FakeRepo] = {}
+        self.requests: list[tuple[str, str]] = []
+        self.faults: dict[str, list[int]] = {}  # path regex -> status codes to return first, in order
+        self.token: Optional[str] = None  # when set, private and gated repos need it
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    @property
+    def endpoint(self) -> str:
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def start(self) -> "FakeHub":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def add_repo(self, repo_id: str, root: Path, **kwargs) -> FakeRepo:
+        digest = hashlib.sha1(repo_id.encode() + b"".join(p.read_bytes()[:4096] for p in sorted(root.rglob("*"))
+                                                          if p.is_file())).hexdigest()
+        repo = FakeRepo(repo_id, Path(root), sha=digest, **kwargs)
+        self.repos[repo_id] = repo
+        return repo
+
+    def downloaded(self, repo_id: str) -> set[str]:
+        """Files of `repo_id` fetched with a full (non-Range) GET."""
+        prefix = f"/{repo_id}/resolve/"
+        return {p.split("/", 2 + repo_id.count("/") + 1)[-1] for m, p in self.requests
+                if m == "GET" and p.startswith(prefix)}
+
+    # ------------------------------------------------------------------------------------------
+
+    def _handler(self):
+        hub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args) -> None:  # keep test output clean
+                pass
+
+            def _json(self, status: int, payload, headers: Optional[dict] = None) -> None:
+                body = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                for k, v in (headers or {}).items():
+                    self.send_header(k, v)
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(body)
+
+            def _error(self, status: int, code: str, message: str) -> None:
+                self._json(status, {"error": message}, {"X-Error-Code": code, "X-Error-Message": message})
+
+            def _fault(self, path: str) -> bool:
+                for pattern, statuses in hub.faults.items():
+                    if statuses and re.search(pattern, path):
+                        status = statuses.pop(0)
+                        self._json(status, {"error": "injected"}, {"Retry-After": "0"})
+                        return True
+                return False
+
+            def _authorized(self, repo: FakeRepo) -> bool:
+                if not (repo.private or repo.gated):
+                    return True
+                return hub.token is not None and self.headers.get("Authorization") == f"Bearer {hub.token}"
+
+            def _repo(self, repo_id: str) -> Optional[FakeRepo]:
+                repo = hub.repos.get(repo_id)
+                if repo is None or (repo.private and not self._authorized(repo)):
+                    self._error(404, "RepoNotFound", f"Repository Not Found for url: {self.path}")
+                    return None
+                return repo
+
+            def do_HEAD(self) -> None:
+                self._dispatch()
+
+            def do_GET(self) -> None:
+                self._dispatch()
+
+            def _dispatch(self) -> None:
+                url = urlparse(self.path)
+                path = unquote(url.path)
+                hub.requests.append((self.command, path + (" range" if self.headers.get("Range") else "")))
+                if self._fault(path):
+                    return
+                match = re.match(r"^/api/models/(?P<repo>[^/]+/[^/]+|[^/]+)(?:/revision/(?P<rev>[^/]+))?$", path)
+                if match:
+                    return self._model_info(match["repo"], parse_qs(url.query))
+                if path == "/api/models":
+                    return self._list_models(parse_qs(url.query))
+                match = re.match(r"^/(?P<repo>[^/]+/[^/]+|[^/]+)/resolve/(?P<rev>[^/]+)/(?P<file>.+)$", path)
+                if match:
+                    return self._resolve(match["repo"], match["file"])
+                self._error(404, "EntryNotFound", f"no route for {path}")
+
+            def _info_payload(self, repo: FakeRepo, files_metadata: bool) -> dict:
+                siblings = []
+                for name in repo.files():
+                    entry = {"rfilename": name}
+                    if files_metadata:
+                        entry["size"] = (repo.root / name).stat().st_size
+                    siblings.append(entry)
+                payload = {
+                    "_id": repo.sha[:24], "id": repo.repo_id, "modelId": repo.repo_id, "sha": repo.sha,
+                    "private": repo.private, "gated": "auto" if repo.gated else False, "disabled": False,
+                    "downloads": repo.downloads, "likes": repo.likes, "tags": repo.tags,
+                    "siblings": siblings, "cardData": repo.card_data or None,
+                    "lastModified": "2024-01-01T00:00:00.000Z", "createdAt": "2024-01-01T00:00:00.000Z",
+                }
+                payload.update(repo.extra)
+                return payload
+
+            def _model_info(self, repo_id: str, query: dict) -> None:
+                repo = self._repo(repo_id)
+                if repo is None:
+                    return
+                if repo.gated and not self._authorized(repo):
+                    # model info of a gated repo is public; its files are not
+                    pass
+                self._json(200, self._info_payload(repo, "files_metadata" in query or "blobs" in query))
+
+            def _list_models(self, query: dict) -> None:
+                filters = query.get("filter", [])
+                found = [r for r in hub.repos.values() if not r.private and all(f in r.tags for f in filters)]
+                self._json(200, [self._info_payload(r, False) for r in found])
+
+            def _resolve(self, repo_id: str, file: str) -> None:
+                repo = self._repo(repo_id)
+                if repo is None:
+                    return
+                if not self._authorized(repo):
+                    self._error(401 if self.headers.get("Authorization") is None else 403, "GatedRepo",
+                                "Access to model is restricted and you are not in the authorized list.")
+                    return
+                target = repo.root / file
+                if not target.is_file():
+                    self._json(404, {"error": "Entry not found"},
+                               {"X-Error-Code": "EntryNotFound", "X-Repo-Commit": repo.sha})
+                    return
+                data = target.read_bytes()
+                etag = hashlib.sha256(data).hexdigest()
+                status, body = 200, data
+                range_header = self.headers.get("Range")
+                if range_header:
+                    start_s, _, end_s = range_header.removeprefix("bytes=").partition("-")
+                    start = int(start_s)
+                    end = min(int(end_s) if end_s else len(data) - 1, len(data) - 1)
+                    body = data[start:end + 1]
+                    status = 206
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(body)))
+                self.send_header("ETag", f'"{etag}"')
+                self.send_header("X-Repo-Commit", repo.sha)
+                self.send_header("Accept-Ranges", "bytes")
+                if status == 206:
+                    self.send_header("Content-Range", f"bytes {start}-{start + len(body) - 1}/{len(data)}")
+                self.end_headers()
+                if self.command == "GET":
+                    self.wfile.write(body)
+
+        return Handler
