@@ -1,0 +1,236 @@
+"""End-to-end merges on tiny real checkpoints: outputs load in transformers and generate."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+import yaml
+
+from merging import MergeError, MergeOptions, parse_config, run_merge
+from merging import execute as execute_module
+from tiny_models import load_state
+
+
+def generate(directory, steps: int = 4) -> list[int]:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(directory))
+    ids = torch.tensor([[1, 5, 6, 7]])
+    out = model.generate(ids, max_new_tokens=steps, do_sample=False, pad_token_id=2)
+    assert out.shape[1] == ids.shape[1] + steps
+    return out[0].tolist()
+
+
+def lazymergekit_slerp(base, other, layers) -> str:
+    return f"""
+slices:
+  - sources:
+      - model: {base}
+        layer_range: [0, {layers}]
+      - model: {other}
+        layer_range: [0, {layers}]
+merge_method: slerp
+base_model: {base}
+parameters:
+  t:
+    - filter: self_attn
+      value: [0, 0.5, 0.3, 0.7, 1]
+    - filter: mlp
+      value: [1, 0.5, 0.7, 0.3, 0]
+    - value: 0.5
+dtype: bfloat16
+"""
+
+
+def test_lazymergekit_slerp_gradients_and_filters(llama, tmp_path):
+    base, other = llama.base(), llama.finetune(1)
+    run_merge(parse_config(lazymergekit_slerp(base, other, 4)), tmp_path / "out")
+    merged, a, b = load_state(tmp_path / "out"), load_state(base), load_state(other)
+    assert all(t.dtype == torch.bfloat16 for t in merged.values())
+    # first layer: self_attn t=0 -> the base, mlp t=1 -> the other model; norms t=0.5
+    torch.testing.assert_close(merged["model.layers.0.self_attn.q_proj.weight"],
+                               a["model.layers.0.self_attn.q_proj.weight"].bfloat16())
+    torch.testing.assert_close(merged["model.layers.0.mlp.up_proj.weight"],
+                               b["model.layers.0.mlp.up_proj.weight"].bfloat16())
+    # last layer: self_attn t=1 -> other, mlp t=0 -> base
+    torch.testing.assert_close(merged["model.layers.3.self_attn.k_proj.weight"],
+                               b["model.layers.3.self_attn.k_proj.weight"].bfloat16())
+    torch.testing.assert_close(merged["model.layers.3.mlp.down_proj.weight"],
+                               a["model.layers.3.mlp.down_proj.weight"].bfloat16())
+    # layer 1 of 4 sits at t=1/3 of the curve [0, .5, .3, .7, 1] -> 0.5 + (1/3*4-1)*(0.3-0.5)
+    from merging.methods import slerp_pair
+    name = "model.layers.1.self_attn.o_proj.weight"
+    want = slerp_pair(0.5 - (4 / 3 - 1) * 0.2, a[name].bfloat16().float(), b[name].bfloat16().float())
+    torch.testing.assert_close(merged[name].float(), want, rtol=1e-2, atol=1e-2)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["dtype"] == "bfloat16"
+    generate(tmp_path / "out")
+
+
+def test_qwen2_passthrough_frankenmerge_loads_in_transformers(qwen2, tmp_path):
+    base, other = qwen2.base(), qwen2.finetune(1)
+    text = f"""
+slices:
+  - sources: [{{model: {base}, layer_range: [0, 3]}}]
+  - sources: [{{model: {other}, layer_range: [1, 4]}}]
+merge_method: passthrough
+dtype: float16
+"""
+    run_merge(parse_config(text), tmp_path / "out")
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["num_hidden_layers"] == 6
+    assert len(config["layer_types"]) == 6
+    merged, src = load_state(tmp_path / "out"), load_state(other)
+    assert "lm_head.weight" not in merged  # tied embeddings stay tied
+    torch.testing.assert_close(merged["model.layers.3.self_attn.q_proj.bias"],
+                               src["model.layers.1.self_attn.q_proj.bias"].half())
+    assert not any(".layers.6." in n for n in merged)
+    generate(tmp_path / "out")
+
+
+def test_sharded_output_with_index_loads(mistral, tmp_path):
+    base, ft1, ft2 = mistral.base(), mistral.finetune(1), mistral.finetune(2)
+    text = f"""
+merge_method: ties
+base_model: {base}
+models:
+  - model: {ft1}
+    parameters: {{weight: 0.5, density: 0.5}}
+  - model: {ft2}
+    parameters: {{weight: 0.5, density: 0.5}}
+dtype: float32
+out_dtype: bfloat16
+"""
+    files = run_merge(parse_config(text), tmp_path / "out", options=MergeOptions(out_shard_bytes=60_000))
+    shards = [f for f in files if f.endswith(".safetensors")]
+    assert len(shards) > 2 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    merged = load_state(tmp_path / "out")
+    assert set(index["weight_map"]) == set(merged) == set(load_state(base))
+    assert index["metadata"]["total_size"] == sum(t.numel() * 2 for t in merged.values())
+    assert all(t.dtype == torch.bfloat16 for t in merged.values())
+    generate(tmp_path / "out")
+
+
+def test_tokenizer_source_and_builtin_chat_template(llama, tmp_path):
+    base = llama.base()
+    other = llama._write("templated", llama.base_state, chat_template="{{ 'custom' }}")
+    text = f"""
+merge_method: linear
+models:
+  - {{model: {base}, parameters: {{weight: 1}}}}
+  - {{model: {other}, parameters: {{weight: 1}}}}
+tokenizer_source: {other}
+chat_template: chatml
+"""
+    run_merge(parse_config(text), tmp_path / "out")
+    out = tmp_path / "out"
+    assert "<|im_start|>" in (out / "chat_template.jinja").read_text()
+    assert "chat_template" not in json.loads((out / "tokenizer_config.json").read_text())
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(str(out))
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+    assert rendered.startswith("<|im_start|>user\nhi<|im_end|>")
+
+
+def test_chat_template_auto_picks_the_most_common(llama, tmp_path):
+    a = llama._write("tpl-a", llama.base_state, chat_template="{{ 'A' }}")
+    b = llama._write("tpl-b", llama.base_state, chat_template="{{ 'A' }}")
+    c = llama._write("tpl-c", llama.base_state, chat_template="{{ 'C' }}")
+    text = f"merge_method: karcher\nmodels:\n  - model: {a}\n  - model: {b}\n  - model: {c}\nchat_template: auto\n"
+    run_merge(parse_config(text), tmp_path / "out")
+    assert (tmp_path / "out" / "chat_template.jinja").read_text() == "{{ 'A' }}"
+
+
+def test_card_metadata_and_license(llama, tmp_path):
+    base = llama._write("lic-base", llama.base_state, card="---\nlicense: apache-2.0\n---\n# base\n")
+    ft = llama._write("lic-ft", llama.base_state, card="---\nlicense: apache-2.0\n---\n# ft\n")
+    text = f"merge_method: task_arithmetic\nbase_model: {base}\nmodels:\n  - model: {ft}\n    parameters: {{weight: 1.0}}\n"
+    run_merge(parse_config(text), tmp_path / "same")
+    card = (tmp_path / "same" / "README.md").read_text()
+    meta = yaml.safe_load(card.split("---")[1])
+    assert meta["license"] == "apache-2.0" and meta["base_model_relation"] == "merge"
+    assert meta["tags"][:2] == ["merge", "mergekit"] and meta["library_name"] == "transformers"
+    assert "```yaml\n" + text.strip() in card
+    assert (tmp_path / "same" / "mergekit_config.yml").read_text().strip() == text.strip()
+
+    other = llama._write("lic-other", llama.base_state, card="---\nlicense: cc-by-nc-4.0\n---\n")
+    run_merge(parse_config(text.replace(str(ft), str(other))), tmp_path / "mixed")
+    card = (tmp_path / "mixed" / "README.md").read_text()
+    assert "license" not in yaml.safe_load(card.split("---")[1])
+    assert "different or missing licenses (apache-2.0, cc-by-nc-4.0)" in card
+
+
+def test_vocabulary_mismatch_truncates_or_follows_tokenizer_source(llama, tmp_path):
+    base = llama.base()
+    bigger_state = dict(llama.base_state)
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        extra = torch.randn(4, llama.hidden)
+        bigger_state[name] = torch.cat([llama.base_state[name], extra])
+    bigger = llama._write("vocab100", bigger_state)
+    config = json.loads((bigger / "config.json").read_text())
+    config["vocab_size"] += 4
+    (bigger / "config.json").write_text(json.dumps(config))
+
+    text = f"merge_method: linear\nmodels:\n  - {{model: {base}, parameters: {{weight: 1}}}}\n  - {{model: {bigger}, parameters: {{weight: 1}}}}\n"
+    run_merge(parse_config(text), tmp_path / "truncated")
+    merged = load_state(tmp_path / "truncated")
+    assert merged["model.embed_tokens.weight"].shape[0] == 96
+    assert "truncated to the common 96 rows" in (tmp_path / "truncated" / "README.md").read_text()
+
+    run_merge(parse_config(text + f"tokenizer_source: {bigger}\n"), tmp_path / "extended")
+    merged = load_state(tmp_path / "extended")
+    embed = merged["model.embed_tokens.weight"]
+    assert embed.shape[0] == 100
+    assert json.loads((tmp_path / "extended" / "config.json").read_text())["vocab_size"] == 100
+    # rows only the bigger model has: the mean of the inputs that have them is that model's row
+    torch.testing.assert_close(embed[96:], bigger_state["model.embed_tokens.weight"][96:])
+
+
+def test_failure_midway_leaves_nothing(llama, tmp_path, monkeypatch):
+    base, ft = llama.base(), llama.finetune(1)
+    text = f"merge_method: linear\nmodels:\n  - {{model: {base}, parameters: {{weight: 1}}}}\n  - {{model: {ft}, parameters: {{weight: 1}}}}\n"
+    calls = {"n": 0}
+    original = execute_module._Merger.merge
+
+    def failing(self, tensor, inputs):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise MergeError("boom")
+        return original(self, tensor, inputs)
+
+    monkeypatch.setattr(execute_module._Merger, "merge", failing)
+    with pytest.raises(MergeError, match="boom"):
+        run_merge(parse_config(text), tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_pickled_weights_need_allow_pickle(llama, tmp_path):
+    from safetensors.torch import load_file
+
+    source = llama.finetune(1)
+    pickled = tmp_path / "pickled"
+    shutil.copytree(source, pickled)
+    torch.save(load_file(str(pickled / "model.safetensors")), pickled / "pytorch_model.bin")
+    (pickled / "model.safetensors").unlink()
+    text = f"merge_method: linear\nmodels:\n  - {{model: {llama.base()}, parameters: {{weight: 1}}}}\n  - {{model: {pickled}, parameters: {{weight: 1}}}}\n"
+    with pytest.raises(MergeError, match="--allow-pickle"):
+        run_merge(parse_config(text), tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
+    run_merge(parse_config(text), tmp_path / "allowed", allow_pickle=True)
+    merged = load_state(tmp_path / "allowed")
+    want = (load_state(llama.base())["lm_head.weight"] + load_state(source)["lm_head.weight"]) / 2
+    torch.testing.assert_close(merged["lm_head.weight"], want)
+
+
+def test_elementwise_methods_stream_in_row_chunks_with_identical_results(llama, tmp_path, monkeypatch):
+    base, ft = llama.base(), llama.finetune(1)
+    text = f"merge_method: linear\nmodels:\n  - {{model: {base}, parameters: {{weight: 0.3}}}}\n  - {{model: {ft}, parameters: {{weight: 0.7}}}}\n"
+    run_merge(parse_config(text), tmp_path / "whole")
+    monkeypatch.setattr(execute_module, "CHUNK_ELEMENTS", 100)
+    run_merge(parse_config(text), tmp_path / "chunked")
+    whole, chunked = load_state(tmp_path / "whole"), load_state(tmp_path / "chunked")
+    assert all(torch.equal(whole[k], chunked[k]) for k in whole)
