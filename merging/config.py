@@ -397,7 +397,9 @@ def _check_input_counts(config: MergeConfig) -> None:
             if base not in refs:
                 raise MergeError(f"{where}: the base model {base} must be one of the sources of each slice")
         counted = len(refs) - (1 if base in refs and method.base is not BasePolicy.IGNORED else 0)
-        what = "models besides the base" if method.base is not BasePolicy.IGNORED else "models"
+        limit = method.max_models if method.max_models is not None else method.min_models
+        noun = "model" if limit == 1 else "models"
+        what = f"{noun} besides the base" if method.base is not BasePolicy.IGNORED else noun
         if counted < method.min_models or (method.max_models is not None and counted > method.max_models):
             if method.max_models is None:
                 expected = f"at least {method.min_models}"

@@ -208,6 +208,13 @@ def fetch_model(source: ModelSource, weight_files: set[str], *, token: Optional[
     except (HfHubHTTPError, OSError) as exc:
         raise _hub_error(source.ref, exc) from None
     root = Path(path)
+    # snapshot_download falls back to whatever is cached when the Hub's file listing fails,
+    # so check that every weight file we need really arrived.
+    missing = sorted(f for f in (set(source.file_sizes) if source.pickled else weight_files)
+                     if not (root / f).is_file())
+    if missing:
+        raise MergeError(f"{source.ref}: download incomplete, missing {', '.join(missing[:3])}; check the "
+                         f"connection and the token, then retry")
     if source.pickled:
         headers, _, _ = _local_headers(root, source.label, allow_pickle=True)
     else:

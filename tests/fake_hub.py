@@ -31,6 +31,10 @@ class FakeRepo:
     downloads: int = 0
     likes: int = 0
     extra: dict = field(default_factory=dict)  # more model-info keys (baseModels, childrenModelCount, ...)
+    refs: set = field(default_factory=lambda: {"main"})  # branch and tag names besides the commit sha
+
+    def has_revision(self, revision: Optional[str]) -> bool:
+        return revision is None or revision == self.sha or unquote(revision) in self.refs
 
     def files(self) -> list[str]:
         return sorted(str(p.relative_to(self.root)) for p in self.root.rglob("*") if p.is_file())
@@ -68,8 +72,8 @@ class FakeHub:
     def downloaded(self, repo_id: str) -> set[str]:
         """Files of `repo_id` fetched with a full (non-Range) GET."""
         prefix = f"/{repo_id}/resolve/"
-        return {p.split("/", 2 + repo_id.count("/") + 1)[-1] for m, p in self.requests
-                if m == "GET" and p.startswith(prefix)}
+        return {p[len(prefix):].split("/", 1)[1] for m, p in self.requests
+                if m == "GET" and p.startswith(prefix) and not p.endswith(" range")}
 
     # ------------------------------------------------------------------------------------------
 
@@ -109,10 +113,13 @@ class FakeHub:
                     return True
                 return hub.token is not None and self.headers.get("Authorization") == f"Bearer {hub.token}"
 
-            def _repo(self, repo_id: str) -> Optional[FakeRepo]:
+            def _repo(self, repo_id: str, revision: Optional[str] = None) -> Optional[FakeRepo]:
                 repo = hub.repos.get(repo_id)
                 if repo is None or (repo.private and not self._authorized(repo)):
                     self._error(404, "RepoNotFound", f"Repository Not Found for url: {self.path}")
+                    return None
+                if not repo.has_revision(revision):
+                    self._error(404, "RevisionNotFound", f"Invalid rev id: {revision}")
                     return None
                 return repo
 
@@ -130,12 +137,15 @@ class FakeHub:
                     return
                 match = re.match(r"^/api/models/(?P<repo>[^/]+/[^/]+|[^/]+)(?:/revision/(?P<rev>[^/]+))?$", path)
                 if match:
-                    return self._model_info(match["repo"], parse_qs(url.query))
+                    return self._model_info(match["repo"], match["rev"], parse_qs(url.query))
+                match = re.match(r"^/api/models/(?P<repo>[^/]+/[^/]+|[^/]+)/tree/(?P<rev>[^/]+)/?$", path)
+                if match:
+                    return self._tree(match["repo"], match["rev"])
                 if path == "/api/models":
                     return self._list_models(parse_qs(url.query))
                 match = re.match(r"^/(?P<repo>[^/]+/[^/]+|[^/]+)/resolve/(?P<rev>[^/]+)/(?P<file>.+)$", path)
                 if match:
-                    return self._resolve(match["repo"], match["file"])
+                    return self._resolve(match["repo"], match["rev"], match["file"])
                 self._error(404, "EntryNotFound", f"no route for {path}")
 
             def _info_payload(self, repo: FakeRepo, files_metadata: bool) -> dict:
@@ -155,22 +165,30 @@ class FakeHub:
                 payload.update(repo.extra)
                 return payload
 
-            def _model_info(self, repo_id: str, query: dict) -> None:
-                repo = self._repo(repo_id)
+            def _model_info(self, repo_id: str, revision: Optional[str], query: dict) -> None:
+                repo = self._repo(repo_id, revision)  # model info of a gated repo is public; its files are not
                 if repo is None:
                     return
-                if repo.gated and not self._authorized(repo):
-                    # model info of a gated repo is public; its files are not
-                    pass
                 self._json(200, self._info_payload(repo, "files_metadata" in query or "blobs" in query))
+
+            def _tree(self, repo_id: str, revision: str) -> None:
+                repo = self._repo(repo_id, revision)
+                if repo is None:
+                    return
+                entries = []
+                for name in repo.files():
+                    data = (repo.root / name).read_bytes()
+                    entries.append({"type": "file", "path": name, "size": len(data),
+                                    "oid": hashlib.sha1(data).hexdigest()})
+                self._json(200, entries)
 
             def _list_models(self, query: dict) -> None:
                 filters = query.get("filter", [])
                 found = [r for r in hub.repos.values() if not r.private and all(f in r.tags for f in filters)]
                 self._json(200, [self._info_payload(r, False) for r in found])
 
-            def _resolve(self, repo_id: str, file: str) -> None:
-                repo = self._repo(repo_id)
+            def _resolve(self, repo_id: str, revision: str, file: str) -> None:
+                repo = self._repo(repo_id, revision)
                 if repo is None:
                     return
                 if not self._authorized(repo):
