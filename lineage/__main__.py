@@ -1,0 +1,75 @@
+"""Command line: ``python -m lineage MODEL_ID [options]`` prints the family tree and its cycles."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from .fetch import DiskCache, HubSource, RecordingSource, SnapshotSource, default_cache_dir
+from .graph import DIRECTIONS, CrawlOptions, build_lineage, composition, roots, text_tree
+from .render import render_html, to_graphml, to_json, to_mermaid
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m lineage", description="Draw a model's family tree from the Hub.")
+    parser.add_argument("model_id")
+    parser.add_argument("--direction", choices=DIRECTIONS, default="up", help="ancestors, descendants or both")
+    parser.add_argument("--depth", type=int, default=4, help="hops from the model")
+    parser.add_argument("--max-nodes", type=int, default=150)
+    parser.add_argument("--concurrency", type=int, default=8, help="Hub requests in flight")
+    parser.add_argument("--json", type=Path, help="write networkx node-link JSON")
+    parser.add_argument("--html", type=Path, help="write the interactive pyvis page")
+    parser.add_argument("--graphml", type=Path)
+    parser.add_argument("--mermaid", type=Path)
+    parser.add_argument("--color-by", choices=("relation", "license"), default="relation")
+    parser.add_argument("--physics", action="store_true", help="force layout instead of the hierarchy")
+    parser.add_argument("--snapshot", type=Path, help="read Hub data from this snapshot, not the network")
+    parser.add_argument("--save-snapshot", type=Path, help="save what a live crawl read, for offline use")
+    parser.add_argument("--no-cache", action="store_true", help="skip the on-disk cache")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        options = CrawlOptions(args.direction, args.depth, args.max_nodes, args.concurrency)
+        if args.snapshot:
+            source = SnapshotSource(args.snapshot)
+        else:
+            cache = None if args.no_cache else DiskCache(default_cache_dir())
+            source = HubSource(token=os.environ.get("HF_TOKEN") or None, cache=cache)
+        recorder = RecordingSource(source) if args.save_snapshot else None
+        graph = build_lineage(args.model_id, recorder or source, options)
+    except (ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(text_tree(graph))
+    cycles = graph.graph["cycles"]
+    print(f"\ncycles: {len(cycles)}")
+    for cycle in cycles:
+        print("  " + " -> ".join(cycle + cycle[:1]))
+    print("roots: " + ", ".join(roots(graph)))
+    shares = composition(graph)
+    print("composition: " + ", ".join(f"{share:.0%} {root}" for root, share in shares.items()))
+    if graph.graph["truncated"]:
+        cut = sorted(n for n, reason in graph.nodes(data="cut") if reason)
+        print(f"cut short at: {', '.join(cut)} (raise --depth or --max-nodes)")
+    if args.json:
+        args.json.write_text(json.dumps(to_json(graph), indent=1) + "\n")
+    if args.html:
+        args.html.write_text(render_html(graph, color_by=args.color_by, physics=args.physics))
+    if args.graphml:
+        to_graphml(graph, args.graphml)
+    if args.mermaid:
+        args.mermaid.write_text(to_mermaid(graph))
+    if recorder:
+        recorder.save(args.save_snapshot, target=args.model_id)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

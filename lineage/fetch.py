@@ -1,0 +1,276 @@
+"""Stage 1: what the Hub knows about a model, as a plain `ModelRecord`.
+
+A record is everything lineage reads about one repo: model info (card data, tags, license,
+downloads, likes, siblings, the Hub's own `baseModels`), the README text and any mergekit config
+files. Sources of records:
+
+- `HubSource`: the live Hub through `huggingface_hub`, with retries (429/5xx, honouring
+  Retry-After), a per-run cache and an on-disk cache with expiry;
+- `SnapshotSource`: a saved JSON snapshot (the offline demo, tests, reproducible reports);
+- `RecordingSource`: wraps another source and saves what it saw as a snapshot.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Protocol, TypeVar
+
+log = logging.getLogger("mergeline.lineage")
+
+CONFIG_FILES = ("mergekit_config.yml", "merge.yml", "mergekit_moe_config.yml")
+RELATIONS = ("merge", "finetune", "adapter", "quantized")
+SNAPSHOT_VERSION = 1
+
+T = TypeVar("T")
+
+
+@dataclass
+class ModelRecord:
+    id: str
+    status: str = "ok"  # ok | missing | gated | private | error
+    info: dict = field(default_factory=dict)  # model-info fields as the Hub API names them
+    card: Optional[str] = None  # README.md text
+    files: dict[str, str] = field(default_factory=dict)  # mergekit config files by name
+    detail: str = ""  # why the status is not ok
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ModelRecord":
+        return cls(**{k: data[k] for k in ("id", "status", "info", "card", "files", "detail") if k in data})
+
+
+class RecordSource(Protocol):
+    def record(self, model_id: str) -> ModelRecord: ...
+
+    def children(self, model_id: str, relation: Optional[str] = None) -> list[str]: ...
+
+
+class TransientHubError(Exception):
+    """A 429 or 5xx answer: worth retrying."""
+
+    def __init__(self, message: str, retry_after: Optional[float] = None):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+def with_retries(call: Callable[[], T], *, attempts: int = 5, base_delay: float = 0.5,
+                 max_delay: float = 20.0, sleep: Callable[[float], None] = time.sleep) -> T:
+    """Run `call`, retrying transient Hub errors with exponential backoff and Retry-After."""
+    for attempt in range(attempts):
+        try:
+            return call()
+        except TransientHubError as exc:
+            if attempt == attempts - 1:
+                raise
+            delay = exc.retry_after if exc.retry_after is not None else base_delay * 2**attempt
+            sleep(min(max_delay, delay) + random.uniform(0, base_delay / 4))
+    raise AssertionError("unreachable")
+
+
+def _classify(exc: Exception) -> Exception:
+    """Map a huggingface_hub error to a retryable one where it is 429/5xx."""
+    response = getattr(exc, "response", None)
+    status = getattr(response, "status_code", None)
+    if status == 429 or (status is not None and status >= 500):
+        retry_after = None
+        header = response.headers.get("Retry-After") if response is not None else None
+        if header:
+            try:
+                retry_after = float(header)
+            except ValueError:
+                retry_after = None
+        return TransientHubError(f"HTTP {status}", retry_after)
+    return exc
+
+
+_INFO_FIELDS = ["cardData", "tags", "downloads", "likes", "gated", "private", "siblings", "baseModels",
+                "childrenModelCount", "sha", "lastModified", "library_name", "pipeline_tag"]
+
+
+class DiskCache:
+    """JSON files under a directory, each valid for `ttl` seconds. Never holds private or gated data."""
+
+    def __init__(self, directory: Path, ttl: float = 24 * 3600):
+        self.directory, self.ttl = Path(directory), ttl
+
+    def _path(self, key: str) -> Path:
+        return self.directory / (hashlib.sha256(key.encode()).hexdigest()[:32] + ".json")
+
+    def get(self, key: str):
+        path = self._path(key)
+        try:
+            if time.time() - path.stat().st_mtime > self.ttl:
+                return None
+            return json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+
+    def put(self, key: str, value) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        path = self._path(key)
+        tmp = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
+        tmp.write_text(json.dumps(value))
+        tmp.replace(path)
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("MERGELINE_CACHE", Path.home() / ".cache" / "mergeline" / "lineage"))
+
+
+class HubSource:
+    """Records from the live Hub (or whatever HF_ENDPOINT points at)."""
+
+    def __init__(self, token: Optional[str] = None, cache: Optional[DiskCache] = None,
+                 hub_cache_dir: Optional[Path] = None, sleep: Callable[[float], None] = time.sleep):
+        from huggingface_hub import HfApi
+
+        self._api = HfApi(token=token)
+        self._cache = cache
+        self._hub_cache_dir = hub_cache_dir
+        self._sleep = sleep
+        self._memory: dict[str, object] = {}
+        self._lock = threading.Lock()
+
+    def _cached(self, key: str, compute: Callable[[], T], shareable: Callable[[T], bool]) -> T:
+        with self._lock:
+            if key in self._memory:
+                return self._memory[key]  # type: ignore[return-value]
+        value = self._cache.get(key) if self._cache else None
+        if value is None:
+            value = compute()
+            if self._cache and shareable(value):
+                self._cache.put(key, value)
+        with self._lock:
+            self._memory[key] = value
+        return value
+
+    def _hub(self, call: Callable[[], T]) -> T:
+        def attempt() -> T:
+            try:
+                return call()
+            except Exception as exc:  # noqa: BLE001 - 429/5xx become retryable, the rest pass through
+                transient = _classify(exc)
+                if transient is exc:
+                    raise
+                raise transient from exc
+
+        return with_retries(attempt, sleep=self._sleep)
+
+    def record(self, model_id: str) -> ModelRecord:
+        def fetch() -> dict:
+            return asdict(self._fetch_record(model_id))
+
+        data = self._cached(f"record:{model_id}", fetch,
+                            lambda d: d["status"] in ("ok", "missing") and not d["info"].get("private"))
+        return ModelRecord.from_dict(data)
+
+    def _fetch_record(self, model_id: str) -> ModelRecord:
+        from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, HfHubHTTPError,
+                                            RepositoryNotFoundError)
+
+        try:
+            response = self._hub(lambda: self._api.model_info(model_id, expand=_INFO_FIELDS))
+        except RepositoryNotFoundError:
+            return ModelRecord(model_id, "missing", detail="no such repo, or private")
+        except (HfHubHTTPError, TransientHubError, OSError) as exc:
+            return ModelRecord(model_id, "error", detail=str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        info = _info_dict(response)
+        record = ModelRecord(model_id, "private" if info.get("private") else "ok", info)
+        siblings = {s["rfilename"] for s in info.get("siblings", [])}
+        wanted = [name for name in ("README.md", *CONFIG_FILES) if name in siblings]
+        for name in wanted:
+            try:
+                path = self._hub(lambda name=name: self._api.hf_hub_download(
+                    model_id, name, revision=info.get("sha"), cache_dir=self._hub_cache_dir))
+                text = Path(path).read_text(encoding="utf-8", errors="replace")
+            except GatedRepoError:
+                record.status, record.detail = "gated", "gated: accept the terms on the Hub and pass a token"
+                break
+            except (EntryNotFoundError, HfHubHTTPError, TransientHubError, OSError) as exc:
+                record.detail = f"{name}: {type(exc).__name__}"
+                continue
+            if name == "README.md":
+                record.card = text
+            else:
+                record.files[name] = text
+        return record
+
+    def children(self, model_id: str, relation: Optional[str] = None) -> list[str]:
+        tag = f"base_model:{relation}:{model_id}" if relation else f"base_model:{model_id}"
+
+        def fetch() -> list[str]:
+            return self._hub(lambda: [m.id for m in self._api.list_models(filter=tag, limit=1000)])
+
+        return list(self._cached(f"children:{tag}", fetch, lambda _: True))
+
+
+def _info_dict(info) -> dict:
+    """The model-info fields lineage uses, JSON-ready, named as the Hub API names them."""
+    card = info.card_data.to_dict() if getattr(info, "card_data", None) is not None else None
+    siblings = [{"rfilename": s.rfilename} for s in (info.siblings or [])]
+    return {
+        "id": info.id, "sha": info.sha, "cardData": card, "tags": list(info.tags or []),
+        "downloads": info.downloads or 0, "likes": info.likes or 0, "gated": info.gated or False,
+        "private": bool(info.private), "siblings": siblings, "baseModels": getattr(info, "base_models", None),
+        "childrenModelCount": getattr(info, "children_model_count", None),
+    }
+
+
+class SnapshotSource:
+    """Records from a saved snapshot; anything the snapshot lacks is `missing`."""
+
+    def __init__(self, path: Path):
+        data = json.loads(Path(path).read_text())
+        if data.get("version") != SNAPSHOT_VERSION:
+            raise ValueError(f"{path}: not a mergeline lineage snapshot (version {data.get('version')!r})")
+        self.records = {k: ModelRecord.from_dict(v) for k, v in data["records"].items()}
+        self.child_lists: dict[str, list[str]] = data.get("children", {})
+        self.target: Optional[str] = data.get("target")
+
+    def record(self, model_id: str) -> ModelRecord:
+        return self.records.get(model_id) or ModelRecord(model_id, "missing", detail="not in the snapshot")
+
+    def children(self, model_id: str, relation: Optional[str] = None) -> list[str]:
+        tag = f"base_model:{relation}:{model_id}" if relation else f"base_model:{model_id}"
+        return list(self.child_lists.get(tag, []))
+
+
+class RecordingSource:
+    """Passes calls to `inner` and keeps what came back, to save as a snapshot."""
+
+    def __init__(self, inner: RecordSource):
+        self.inner = inner
+        self.records: dict[str, ModelRecord] = {}
+        self.child_lists: dict[str, list[str]] = {}
+        self._lock = threading.Lock()
+
+    def record(self, model_id: str) -> ModelRecord:
+        record = self.inner.record(model_id)
+        with self._lock:
+            self.records[model_id] = record
+        return record
+
+    def children(self, model_id: str, relation: Optional[str] = None) -> list[str]:
+        found = self.inner.children(model_id, relation)
+        tag = f"base_model:{relation}:{model_id}" if relation else f"base_model:{model_id}"
+        with self._lock:
+            self.child_lists[tag] = list(found)
+        return found
+
+    def save(self, path: Path, target: Optional[str] = None) -> None:
+        write_snapshot(path, self.records.values(), self.child_lists, target)
+
+
+def write_snapshot(path: Path, records, children: dict[str, list[str]], target: Optional[str] = None) -> None:
+    # Private and gated repos' contents stay out of snapshots: a snapshot is meant to be shared.
+    public = {r.id: asdict(r) if r.status in ("ok", "missing") else asdict(ModelRecord(r.id, r.status, detail=r.detail))
+              for r in records}
+    payload = {"version": SNAPSHOT_VERSION, "target": target, "records": public, "children": children}
+    Path(path).write_text(json.dumps(payload, indent=1, sort_keys=True) + "\n")

@@ -1,0 +1,279 @@
+"""Lineage against the loopback fake Hub through the real huggingface_hub client."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import networkx as nx
+import pytest
+import yaml
+
+from lineage import (CrawlOptions, HubSource, RecordingSource, SnapshotSource, build_lineage, composition,
+                     render_html, roots, to_graphml, to_json, to_mermaid)
+from lineage.__main__ import main as lineage_main
+from lineage.fetch import DiskCache
+
+
+def card(meta: dict | None = None, body: str = "", raw_meta: str | None = None) -> str:
+    head = raw_meta if raw_meta is not None else (yaml.safe_dump(meta) if meta else "")
+    return f"---\n{head}---\n{body}\n" if head else body
+
+
+MERGE1_CONFIG = """
+slices:
+  - sources:
+      - {model: org/ft-a, layer_range: [0, 32]}
+      - {model: org/ft-b, layer_range: [0, 32]}
+merge_method: slerp
+base_model: org/ft-a
+parameters:
+  t: 0.3
+dtype: bfloat16
+"""
+
+MERGE2_BODY = """# merge2
+A linear merge.
+
+```yaml
+models:
+  - model: org/merge1
+    parameters:
+      weight: 0.75
+  - model: org/ft-c
+    parameters:
+      weight: 0.25
+merge_method: linear
+```
+Inspired by [org/famous](https://huggingface.co/org/famous). Quantized: [q](https://huggingface.co/org/merge2-GGUF).
+"""
+
+BROKEN_BODY = """# broken
+This is a merge of pre-trained language models created using mergekit.
+This model was merged using the TIES merge method using [org/base](https://huggingface.co/org/base) as a base.
+The following models were included in the merge:
+* [org/ft-a](https://huggingface.co/org/ft-a)
+* [org/ft-b](https://huggingface.co/org/ft-b)
+
+See also [org/famous](https://huggingface.co/org/famous).
+"""
+
+REPOS = {
+    "org/base": dict(card=card({"license": "apache-2.0"}), downloads=1000),
+    "org/base2": dict(card=card({"license": "mit"})),
+    "org/base3": dict(card=card({"license": "cc-by-nc-4.0"})),
+    "org/ft-a": dict(card=card({"base_model": "org/base", "base_model_relation": "finetune", "license": "apache-2.0"}),
+                     tags=["base_model:org/base", "base_model:finetune:org/base"], downloads=50),
+    "org/ft-b": dict(card=card({"base_model": "org/base2"}), tags=["base_model:org/base2"]),
+    "org/ft-c": dict(card=card({"base_model": ["org/base3"], "license": "cc-by-nc-4.0"})),
+    "org/merge1": dict(card=card({"license": "apache-2.0"}, "# merge1"), files={"mergekit_config.yml": MERGE1_CONFIG},
+                       tags=["merge", "mergekit"]),
+    "org/merge2": dict(card=card(None, MERGE2_BODY), likes=3),
+    "org/loop-a": dict(card=card({"base_model": "org/loop-b"})),
+    "org/loop-b": dict(card=card({"base_model": ["org/loop-a", "org/base"]})),
+    "org/selfie": dict(card=card({"base_model": ["org/selfie", "org/base"]})),
+    "org/broken": dict(card=card(raw_meta="license: [mit\nbase_model: {{{\n", body=BROKEN_BODY)),
+    "org/orphan": dict(card=card({"base_model": "org/does-not-exist"})),
+    "org/gated-base": dict(card=card({"license": "llama3"}), gated=True),
+    "org/gated-child": dict(card=card({"base_model": "org/gated-base"})),
+    "org/tagged": dict(card="# tagged\nno metadata\n", tags=["merge", "org/ft-a", "org/ft-b", "not/a-repo", "license:mit"]),
+    "org/lora-merge": dict(card=card(None, "# lora"), files={"mergekit_config.yml": (
+        "merge_method: linear\nmodels:\n  - model: org/ft-a+org/my-lora@abc123\n    parameters: {weight: 1.0}\n"
+        "  - model: org/ft-b@v2\n    parameters: {weight: 1.0}\n")}),
+    "org/xss": dict(card=card({"base_model": "org/base", "license": "<script>alert(1)</script>"}),
+                    tags=["<script>alert('tag')</script>", "base_model:org/base"]),
+}
+
+
+@pytest.fixture(scope="module")
+def family(hub, tmp_path_factory):
+    root = tmp_path_factory.mktemp("lineage-repos")
+    for repo_id, spec in REPOS.items():
+        directory = root / repo_id.replace("/", "__")
+        directory.mkdir()
+        (directory / "README.md").write_text(spec["card"])
+        for name, text in spec.get("files", {}).items():
+            (directory / name).write_text(text)
+        meta = None
+        if spec["card"].startswith("---\n"):
+            try:
+                meta = yaml.safe_load(spec["card"].split("---\n")[1])
+            except yaml.YAMLError:
+                meta = None  # the Hub leaves cardData empty when the YAML does not parse
+        hub.add_repo(repo_id, directory, card_data=meta or {}, tags=spec.get("tags", []),
+                     downloads=spec.get("downloads", 0), likes=spec.get("likes", 0), gated=spec.get("gated", False))
+    return REPOS
+
+
+def crawl(model_id: str, hub_cache_dir=None, **options) -> nx.DiGraph:
+    source = HubSource(sleep=lambda s: None, hub_cache_dir=hub_cache_dir)
+    return build_lineage(model_id, source, CrawlOptions(**options))
+
+
+def edges(graph: nx.DiGraph) -> set[tuple[str, str, str]]:
+    return {(u, v, d["relation"]) for u, v, d in graph.edges(data=True)}
+
+
+def test_merges_of_merges_edges_and_attributes(family):
+    graph = crawl("org/merge2", depth=5)
+    assert edges(graph) == {
+        ("org/merge1", "org/merge2", "merge"), ("org/ft-c", "org/merge2", "merge"),
+        ("org/ft-a", "org/merge1", "merge"), ("org/ft-b", "org/merge1", "merge"),
+        ("org/base", "org/ft-a", "finetune"), ("org/base2", "org/ft-b", "finetune"),
+        ("org/base3", "org/ft-c", "finetune"),
+    }
+    merge1 = graph.edges["org/ft-a", "org/merge1"]
+    assert merge1["method"] == "slerp" and merge1["role"] == "base_model" and merge1["t"] == 0.3
+    assert merge1["sources"] == ["mergekit_config"]
+    assert graph.edges["org/merge1", "org/merge2"]["weight"] == 0.75
+    assert graph.edges["org/merge1", "org/merge2"]["sources"] == ["mergekit_config"]  # README yaml block only
+    assert graph.edges["org/base", "org/ft-a"]["sources"] == ["card_metadata", "hub_relation"]
+    assert "org/famous" not in graph and "org/merge2-GGUF" not in graph  # prose links are not parents
+    node = graph.nodes["org/base"]
+    assert (node["license"], node["downloads"], node["generation"], node["status"]) == ("apache-2.0", 1000, -3, "ok")
+    assert graph.nodes["org/merge2"]["likes"] == 3 and graph.nodes["org/merge2"]["generation"] == 0
+    assert roots(graph) == ["org/base", "org/base2", "org/base3"]
+    assert graph.graph["cycles"] == [] and graph.graph["truncated"] is False
+
+
+def test_composition_by_hand(family):
+    shares = composition(crawl("org/merge2", depth=5))
+    # merge2 = 0.75 merge1 + 0.25 ft-c; merge1 = slerp(base ft-a, ft-b, t=0.3) = 0.7 ft-a + 0.3 ft-b
+    assert shares == pytest.approx({"org/base": 0.525, "org/base3": 0.25, "org/base2": 0.225})
+
+
+def test_cycles_are_kept_and_listed(family):
+    graph = crawl("org/loop-a", depth=6)
+    assert ("org/loop-b", "org/loop-a", "finetune") in edges(graph)
+    assert ("org/loop-a", "org/loop-b", "merge") in edges(graph)
+    assert graph.graph["cycles"] == [["org/loop-a", "org/loop-b"]]
+    assert composition(graph) == {"org/base": 1.0}
+
+
+def test_self_reference_is_dropped_with_a_note(family):
+    graph = crawl("org/selfie")
+    assert not graph.has_edge("org/selfie", "org/selfie")
+    assert edges(graph) == {("org/base", "org/selfie", "merge")} or edges(graph) == {("org/base", "org/selfie", "finetune")}
+    assert any("self-reference" in note for note in graph.nodes["org/selfie"]["notes"])
+
+
+def test_broken_card_yaml_still_reads_the_mergekit_template(family):
+    graph = crawl("org/broken", depth=1)
+    assert graph.nodes["org/broken"]["card_status"] == "unparsable"
+    assert {(u, r) for u, v, r in edges(graph) if v == "org/broken"} == {
+        ("org/base", "merge"), ("org/ft-a", "merge"), ("org/ft-b", "merge")}
+    assert graph.edges["org/base", "org/broken"]["role"] == "base_model"
+    assert "org/famous" not in graph
+
+
+def test_missing_and_gated_parents_become_marked_nodes(family):
+    graph = crawl("org/orphan")
+    assert graph.nodes["org/does-not-exist"]["status"] == "missing"
+    assert ("org/does-not-exist", "org/orphan", "finetune") in edges(graph)
+    graph = crawl("org/gated-child")
+    assert graph.nodes["org/gated-base"]["status"] == "gated"
+    assert graph.nodes["org/gated-base"]["license"] == "llama3"  # model info of a gated repo is public
+
+
+def test_parents_only_in_tags(family):
+    graph = crawl("org/tagged", depth=1)
+    assert {(u, r) for u, v, r in edges(graph) if v == "org/tagged"} == {("org/ft-a", "merge"), ("org/ft-b", "merge")}
+    assert "not/a-repo" not in graph
+
+
+def test_lora_and_revision_references(family):
+    graph = crawl("org/lora-merge", depth=1)
+    assert {u for u, v in graph.in_edges("org/lora-merge")} == {"org/ft-a", "org/my-lora", "org/ft-b"}
+    assert graph.edges["org/my-lora", "org/lora-merge"]["lora_of"] == "org/ft-a"
+    assert graph.nodes["org/my-lora"]["status"] == "missing"
+
+
+def test_injected_429s_give_the_fault_free_result(hub, family, tmp_path):
+    clean = to_json(crawl("org/merge2", depth=5, hub_cache_dir=tmp_path / "a"))
+    hub.faults[r"^/api/models/org/merge1"] = [429, 429, 503]
+    hub.faults[r"/org/ft-c/resolve/"] = [429]
+    faulty = to_json(crawl("org/merge2", depth=5, hub_cache_dir=tmp_path / "b"))
+    assert hub.faults[r"^/api/models/org/merge1"] == [] and hub.faults[r"/org/ft-c/resolve/"] == []
+    assert faulty == clean
+
+
+def test_depth_and_node_caps_say_where_they_cut(family):
+    shallow = crawl("org/merge2", depth=1)
+    assert set(shallow) == {"org/merge2", "org/merge1", "org/ft-c"}
+    assert shallow.graph["truncated"] and shallow.nodes["org/merge1"]["cut"] == "depth"
+    capped = crawl("org/merge2", depth=5, max_nodes=4)
+    assert capped.number_of_nodes() == 4 and capped.graph["truncated"]
+    assert any(reason == "max_nodes" for _, reason in capped.nodes(data="cut"))
+
+
+def test_descendants_through_hub_children(family):
+    graph = crawl("org/base", direction="down", depth=1)
+    assert ("org/base", "org/ft-a", "finetune") in edges(graph)
+    assert ("org/base", "org/xss", "finetune") in edges(graph)
+    assert "hub_children" in graph.edges["org/base", "org/ft-a"]["sources"]
+    assert graph.nodes["org/ft-a"]["generation"] == 1
+
+
+def test_card_text_never_reaches_the_html_unescaped(family):
+    graph = crawl("org/xss", depth=1)
+    page = render_html(graph)
+    from lineage.render import _vis_assets
+
+    assert "<script>alert" not in page
+    assert page.replace(_vis_assets()[0], "").count("<script") == 2  # only our own two script tags
+    # HTML-escaped for the tooltip, then JSON-escaped inside the script
+    assert "\\u0026lt;script\\u0026gt;alert(1)" in page
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", page)  # nothing loads from outside
+    assert "<link" not in page and "url(http" not in page
+
+
+def test_exports(family, tmp_path):
+    graph = crawl("org/merge2", depth=5)
+    data = to_json(graph)
+    link = next(e for e in data["edges"] if e["source"] == "org/merge1" and e["target"] == "org/merge2")
+    assert link["relation"] == "merge" and link["weight"] == 0.75
+    to_graphml(graph, tmp_path / "g.graphml")
+    assert nx.read_graphml(tmp_path / "g.graphml").number_of_edges() == graph.number_of_edges()
+    mermaid = to_mermaid(graph)
+    assert mermaid.startswith("graph TD") and "-->|slerp|" in mermaid and '["org/merge2"]' in mermaid
+
+
+def test_disk_cache_makes_a_second_look_instant(hub, family, tmp_path):
+    cache = DiskCache(tmp_path / "cache")
+    first = to_json(build_lineage("org/merge2", HubSource(cache=cache), CrawlOptions(depth=5)))
+    hub.requests.clear()
+    second = to_json(build_lineage("org/merge2", HubSource(cache=cache), CrawlOptions(depth=5)))
+    assert second == first and hub.requests == []
+
+
+def test_snapshot_round_trip_and_cli(family, tmp_path, capsys):
+    recorder = RecordingSource(HubSource())
+    live = build_lineage("org/merge2", recorder, CrawlOptions(depth=5))
+    recorder.save(tmp_path / "snap.json", target="org/merge2")
+    offline = build_lineage("org/merge2", SnapshotSource(tmp_path / "snap.json"), CrawlOptions(depth=5))
+    assert to_json(offline) == to_json(live)
+    code = lineage_main(["org/loop-a", "--snapshot", str(tmp_path / "snap.json"), "--json", str(tmp_path / "o.json"),
+                         "--html", str(tmp_path / "o.html"), "--graphml", str(tmp_path / "o.graphml"),
+                         "--mermaid", str(tmp_path / "o.mmd")])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("org/loop-a [missing]")  # loop-a was not part of the recorded crawl
+    code = lineage_main(["org/loop-a", "--depth", "3", "--save-snapshot", str(tmp_path / "loop.json"),
+                         "--json", str(tmp_path / "loop-graph.json"), "--no-cache"])
+    out = capsys.readouterr().out
+    assert code == 0 and "cycles: 1" in out and "org/loop-a -> org/loop-b -> org/loop-a" in out
+    assert json.loads((tmp_path / "loop-graph.json").read_text())["edges"]
+    assert all((tmp_path / f).stat().st_size > 0 for f in ("o.json", "o.html", "o.graphml", "o.mmd"))
+
+
+def test_demo_snapshot_is_the_neuralbeagle_family():
+    from lineage.demo import DEMO_SNAPSHOT
+
+    graph = build_lineage("mlabonne/NeuralBeagle14-7B", SnapshotSource(DEMO_SNAPSHOT),
+                          CrawlOptions(direction="both", depth=8))
+    assert graph.edges["mlabonne/Beagle14-7B", "mlabonne/NeuralBeagle14-7B"]["relation"] == "finetune"
+    beagle = graph.edges["fblgit/UNA-TheBeagle-7b-v1", "mlabonne/Beagle14-7B"]
+    assert beagle["method"] == "slerp" and beagle["t"][0]["filter"] == "self_attn"
+    assert graph.edges["mlabonne/Marcoro14-7B-slerp", "argilla/distilabeled-Marcoro14-7B-slerp"]["sources"] == ["reported"]
+    assert ("mlabonne/NeuralBeagle14-7B", "leveldevai/TurdusBeagle-7B") in graph.edges
+    assert composition(graph)["fblgit/UNA-TheBeagle-7b-v1"] == pytest.approx(0.5)
