@@ -105,7 +105,7 @@ def build_network(graph: nx.DiGraph, *, color_by: str = "relation", physics: boo
                      label=html.escape(data.get("method") or data.get("relation", "")), arrows="to")
     options = {
         "layout": {"hierarchical": {"enabled": not physics, "direction": "UD", "sortMethod": "directed",
-                                    "levelSeparation": 120, "nodeSpacing": 180}},
+                                    "levelSeparation": 110, "nodeSpacing": 300}},
         "physics": {"enabled": physics, "stabilization": {"iterations": 200}},
         "interaction": {"hover": True, "tooltipDelay": 120},
         "edges": {"smooth": {"type": "cubicBezier"}, "font": {"size": 10, "align": "middle"}},
@@ -119,7 +119,7 @@ _PAGE = """<!DOCTYPE html>
 <html><head><meta charset="utf-8"><title>{title}</title>
 <style>{css}
 html, body {{ margin: 0; font-family: system-ui, sans-serif; }}
-#lineage {{ width: 100%; height: {height}; border: 1px solid #ddd; }}
+#lineage {{ width: 100%; height: {height}; border: 1px solid #ddd; box-sizing: border-box; }}
 #legend {{ font-size: 12px; padding: 4px 8px; }}
 #legend span {{ display: inline-block; margin-right: 12px; }}
 #legend i {{ display: inline-block; width: 10px; height: 10px; border-radius: 5px; margin-right: 4px; }}
@@ -145,6 +145,7 @@ def render_html(graph: nx.DiGraph, *, color_by: str = "relation", physics: bool 
     js, css = _vis_assets()
     palette = LICENSE_COLORS if color_by == "license" else RELATION_COLORS
     legend = "".join(f'<span><i style="background:{c}"></i>{html.escape(k)}</span>' for k, c in palette.items())
+    legend += "<span>&#9670; missing &#9632; gated/private &#9650; error; outlined: the target</span>"
     return _PAGE.format(title=html.escape(f"Lineage of {graph.graph.get('target', '')}"), css=css, js=js,
                         height=height, legend=legend, nodes=_script_json(nodes), edges=_script_json(edges),
                         options=_script_json(json.loads(options)))
