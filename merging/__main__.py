@@ -13,6 +13,7 @@ from typing import Optional, Sequence
 from .errors import MergeError
 from .execute import MergeOptions
 from .pipeline import load_config, plan_merge, run_merge, summarize
+from .upload import upload_merge
 
 
 def parse_size(text: str) -> int:
@@ -32,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out-shard-size", type=parse_size, default=parse_size("5GB"), help="largest output shard")
     parser.add_argument("--dry-run", action="store_true", help="validate against headers only and print the plan")
     parser.add_argument("--allow-pickle", action="store_true", help="accept pytorch_model.bin (weights_only=True)")
+    parser.add_argument("--push-to", metavar="REPO", help="upload the result to this Hub repo (needs HF_TOKEN)")
+    parser.add_argument("--private", action="store_true", help="with --push-to: create a private repo")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
     return parser
 
@@ -54,6 +57,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         options = MergeOptions(device=args.device, seed=args.seed, out_shard_bytes=args.out_shard_size)
         files = run_merge(config, args.output_dir, options=options, token=token, allow_pickle=args.allow_pickle,
                           progress=progress)
+        url = upload_merge(args.output_dir, args.push_to, token or "", private=args.private) if args.push_to else None
     except MergeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -61,7 +65,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("error: interrupted; nothing was written", file=sys.stderr)
         return 130
     if not args.quiet:
-        print(f"wrote {len(files)} files to {args.output_dir}")
+        print(f"wrote {len(files)} files to {args.output_dir}" + (f"; uploaded to {url}" if url else ""))
     return 0
 
 

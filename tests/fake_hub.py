@@ -8,9 +8,11 @@ request so tests can assert what was (and was not) downloaded.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import re
+import tempfile
 import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -46,6 +48,9 @@ class FakeHub:
         self.requests: list[tuple[str, str]] = []
         self.faults: dict[str, list[int]] = {}  # path regex -> status codes to return first, in order
         self.token: Optional[str] = None  # when set, private and gated repos need it
+        self.write_tokens: dict[str, str] = {}  # token -> user name allowed to create and upload
+        self.fail_commits = 0  # how many coming commits to reject (HTTP 400, which clients do not retry)
+        self.upload_root = Path(tempfile.mkdtemp(prefix="fake-hub-uploads-"))
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
@@ -126,6 +131,77 @@ class FakeHub:
             def do_HEAD(self) -> None:
                 self._dispatch()
 
+            def _user(self) -> Optional[str]:
+                auth = self.headers.get("Authorization", "")
+                return hub.write_tokens.get(auth.removeprefix("Bearer ")) if auth.startswith("Bearer ") else None
+
+            def _body(self) -> bytes:
+                return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+            def do_POST(self) -> None:
+                path = unquote(urlparse(self.path).path)
+                body = self._body()
+                hub.requests.append(("POST", path))
+                if self._fault(path):
+                    return
+                if path == "/api/validate-yaml":  # the Hub checks README metadata before a commit
+                    import yaml
+
+                    content = json.loads(body)["content"]
+                    match = re.match(r"^---\n(.*?)\n---", content, re.S)
+                    try:
+                        meta = yaml.safe_load(match.group(1)) if match else {}
+                    except yaml.YAMLError as exc:
+                        return self._json(400, {"errors": [{"message": str(exc)}]})
+                    if not isinstance(meta, dict):
+                        return self._json(400, {"errors": [{"message": "metadata must be a mapping"}]})
+                    return self._json(200, {"warnings": []})
+                user = self._user()
+                if user is None:
+                    return self._error(401, "Unauthorized", "Invalid credentials in Authorization header")
+                if path == "/api/repos/create":
+                    data = json.loads(body)
+                    repo_id = f"{data.get('organization') or user}/{data['name']}"
+                    if repo_id in hub.repos:
+                        return self._json(409, {"error": "You already created this model repo",
+                                                "url": f"{hub.endpoint}/{repo_id}"})
+                    root = hub.upload_root / repo_id.replace("/", "__")
+                    root.mkdir(parents=True)
+                    hub.add_repo(repo_id, root, private=data.get("visibility") == "private")
+                    return self._json(200, {"url": f"{hub.endpoint}/{repo_id}", "name": repo_id})
+                match = re.match(r"^/api/models/(?P<repo>[^/]+/[^/]+)/(?P<op>preupload|commit)/(?P<rev>[^/]+)$", path)
+                repo = hub.repos.get(match["repo"]) if match else None
+                if repo is None:
+                    return self._error(404, "RepoNotFound", f"Repository Not Found for url: {path}")
+                if match["op"] == "preupload":
+                    files = json.loads(body)["files"]
+                    return self._json(200, {"files": [{"path": f["path"], "uploadMode": "regular",
+                                                       "shouldIgnore": False} for f in files]})
+                if hub.fail_commits:
+                    hub.fail_commits -= 1
+                    return self._error(400, "BadRequest", "injected commit rejection")
+                for line in body.splitlines():
+                    item = json.loads(line)
+                    if item["key"] == "file":
+                        target = repo.root / item["value"]["path"]
+                        target.parent.mkdir(parents=True, exist_ok=True)
+                        target.write_bytes(base64.b64decode(item["value"]["content"]))
+                repo.sha = hashlib.sha1(repo.sha.encode() + body).hexdigest()
+                return self._json(200, {"commitUrl": f"{hub.endpoint}/{repo.repo_id}/commit/{repo.sha}",
+                                        "commitOid": repo.sha})
+
+            def do_DELETE(self) -> None:
+                path = unquote(urlparse(self.path).path)
+                data = json.loads(self._body() or b"{}")
+                hub.requests.append(("DELETE", path))
+                user = self._user()
+                if user is None:
+                    return self._error(401, "Unauthorized", "Invalid credentials in Authorization header")
+                repo_id = f"{data.get('organization') or user}/{data.get('name')}"
+                if path != "/api/repos/delete" or hub.repos.pop(repo_id, None) is None:
+                    return self._error(404, "RepoNotFound", f"Repository Not Found: {repo_id}")
+                return self._json(200, {})
+
             def do_GET(self) -> None:
                 self._dispatch()
 
@@ -141,6 +217,12 @@ class FakeHub:
                 match = re.match(r"^/api/models/(?P<repo>[^/]+/[^/]+|[^/]+)/tree/(?P<rev>[^/]+)/?$", path)
                 if match:
                     return self._tree(match["repo"], match["rev"])
+                if path == "/api/whoami-v2":
+                    user = self._user()
+                    if user is None:
+                        return self._error(401, "Unauthorized", "Invalid credentials in Authorization header")
+                    return self._json(200, {"type": "user", "name": user, "orgs": [],
+                                            "auth": {"accessToken": {"displayName": "test", "role": "write"}}})
                 if path == "/api/models":
                     return self._list_models(parse_qs(url.query))
                 match = re.match(r"^/(?P<repo>[^/]+/[^/]+|[^/]+)/resolve/(?P<rev>[^/]+)/(?P<file>.+)$", path)

@@ -13,6 +13,8 @@ from typing import Optional
 import torch
 from safetensors.torch import save_file
 
+from merging.demo import write_tokenizer
+
 VOCAB = 96
 
 ARCHES = {
@@ -39,24 +41,6 @@ def _state_dict(arch: str, layers: int, hidden: int, seed: int, vocab: int) -> t
     config_dict["architectures"] = [model_name]
     config_dict["dtype"] = "float32"
     return state, config_dict
-
-
-def write_tokenizer(directory: Path, vocab: int = VOCAB, chat_template: Optional[str] = None) -> None:
-    specials = ["<unk>", "<s>", "</s>"]
-    words = specials + [f"w{i}" for i in range(vocab - len(specials))]
-    tokenizer = {
-        "version": "1.0", "truncation": None, "padding": None,
-        "added_tokens": [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
-                          "normalized": False, "special": True} for i, t in enumerate(specials)],
-        "normalizer": None, "pre_tokenizer": {"type": "WhitespaceSplit"}, "post_processor": None, "decoder": None,
-        "model": {"type": "WordLevel", "vocab": {w: i for i, w in enumerate(words)}, "unk_token": "<unk>"},
-    }
-    (directory / "tokenizer.json").write_text(json.dumps(tokenizer))
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
-              "unk_token": "<unk>", "model_max_length": 128}
-    if chat_template:
-        config["chat_template"] = chat_template
-    (directory / "tokenizer_config.json").write_text(json.dumps(config))
 
 
 def save_model(directory: Path, state: dict, config: dict, *, card: Optional[str] = None,
