@@ -15,7 +15,7 @@ from typing import Optional
 import networkx as nx
 
 from .fetch import RELATIONS, ModelRecord, RecordSource
-from .parse import ParentLink, _numeric, parse_record
+from .parse import ParentLink, _config_links, _numeric, parse_record
 
 DIRECTIONS = ("up", "down", "both")
 
@@ -137,6 +137,20 @@ def build_lineage(model_id: str, source: RecordSource, options: CrawlOptions = C
         if not up and not down:
             break
     graph.graph["cycles"] = find_cycles(graph)
+    return graph
+
+
+def merge_preview(config: dict, child: str) -> nx.DiGraph:
+    """The family a merge config would create: its parents and the planned child, one hop."""
+    graph = nx.DiGraph(target=child, direction="up", depth=1, max_nodes=0, truncated=False, notes=[], cycles=[])
+    graph.add_node(child, status="ok", detail="planned merge", license="", downloads=0, likes=0, tags=[],
+                   generation=0, card_status="none", notes=["the merge this config describes"])
+    for parent, params in _config_links(config, keep_local=True):
+        if parent not in graph:
+            graph.add_node(parent, status="ok", detail="", license="", downloads=0, likes=0, tags=[],
+                           generation=-1, card_status="none", notes=[])
+        data = graph.get_edge_data(parent, child) or {"relation": "merge", "sources": ["mergekit_config"]}
+        graph.add_edge(parent, child, **{**params, **data})
     return graph
 
 

@@ -127,13 +127,16 @@ def _numeric(setting: Any) -> Optional[float]:
     return sum(numbers) / len(numbers) if numbers else None
 
 
-def _config_links(config: dict) -> list[tuple[str, dict]]:
+def _config_links(config: dict, keep_local: bool = False) -> list[tuple[str, dict]]:
+    """(parent, parameters) for every model a mergekit config reads; `keep_local` keeps non-Hub paths."""
     method = config.get("merge_method") or ("moe" if "experts" in config else None)
     top = config.get("parameters") if isinstance(config.get("parameters"), dict) else {}
     result: list[tuple[str, dict]] = []
 
     def add(ref: Any, params: Optional[dict], role: Optional[str] = None, layer_range=None) -> None:
         parts = split_lora(ref) if isinstance(ref, str) else []
+        if not parts and keep_local and isinstance(ref, str) and ref.strip():
+            parts = [ref.strip()]
         for index, parent in enumerate(parts):
             entry: dict[str, Any] = {"method": method}
             if role:

@@ -8,11 +8,12 @@ from .config import MergeConfig, ModelRef, parse_config
 from .errors import MergeError
 from .execute import MergeOptions, execute_plan
 from .methods import REGISTRY as METHODS
-from .pipeline import PlanSummary, fetch_inputs, load_config, plan_merge, run_merge, summarize
+from .pipeline import (HostedLimits, PlanSummary, enforce_limits, fetch_inputs, load_config, plan_merge, run_merge,
+                       summarize)
 from .plan import MergePlan, build_plan
 
 __all__ = [
-    "METHODS", "MergeConfig", "MergeError", "MergeOptions", "MergePlan", "ModelRef", "PlanSummary",
-    "build_plan", "execute_plan", "fetch_inputs", "load_config", "parse_config", "plan_merge", "run_merge",
+    "HostedLimits", "METHODS", "MergeConfig", "MergeError", "MergeOptions", "MergePlan", "ModelRef", "PlanSummary",
+    "build_plan", "enforce_limits", "execute_plan", "fetch_inputs", "load_config", "parse_config", "plan_merge", "run_merge",
     "summarize",
 ]

@@ -114,3 +114,27 @@ def run_merge(config: MergeConfig, output_dir: Path, *, options: MergeOptions = 
         log.warning(warning)
     fetch_inputs(plan, token=token, cache_dir=cache_dir)
     return execute_plan(plan, output_dir, options, progress)
+
+
+@dataclass(frozen=True)
+class HostedLimits:
+    """What a shared deployment (a Space) accepts from anonymous users."""
+
+    max_models: int = 6
+    max_input_bytes: int = 60 * 10**9
+    allowed_local_roots: tuple[Path, ...] = ()  # e.g. the app's own demo models
+
+
+def enforce_limits(config: MergeConfig, limits: HostedLimits, plan: Optional[MergePlan] = None) -> None:
+    """Refuse local paths outside the allowed roots, too many models, or too many input bytes."""
+    refs = config.referenced_models()
+    for ref in refs:
+        if ref.local and not any(Path(ref.path).resolve().is_relative_to(root.resolve())
+                                 for root in limits.allowed_local_roots):
+            raise MergeError(f"{ref.path}: local paths are not allowed here; use Hub repo ids")
+    if len(refs) > limits.max_models:
+        raise MergeError(f"models: {len(refs)} models exceed this Space's limit of {limits.max_models}; run "
+                         f"mergeline locally for larger merges")
+    if plan is not None and plan.download_bytes > limits.max_input_bytes:
+        raise MergeError(f"models: the merge reads {_size(plan.download_bytes)}, over this Space's limit of "
+                         f"{_size(limits.max_input_bytes)}; run mergeline locally for larger merges")

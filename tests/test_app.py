@@ -1,0 +1,110 @@
+"""The Gradio app driven through gradio_client, as a remote user would."""
+
+from __future__ import annotations
+
+import socket
+import zipfile
+from pathlib import Path
+
+import pytest
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app_module(tmp_path_factory, hub):
+    import os
+
+    os.environ["MERGELINE_WORKDIR"] = str(tmp_path_factory.mktemp("app-work"))
+    os.environ["MERGELINE_CACHE"] = str(tmp_path_factory.mktemp("lineage-cache"))
+    import importlib
+
+    import app
+
+    return importlib.reload(app)
+
+
+@pytest.fixture(scope="module")
+def app_url(app_module):
+    demo = app_module.build_app()
+    port = _free_port()
+    demo.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
+                        allowed_paths=[str(app_module.WORK_ROOT)])
+    yield f"http://127.0.0.1:{port}/"
+    demo.close()
+
+
+@pytest.fixture(scope="module")
+def client(app_url):
+    from gradio_client import Client
+
+    return Client(app_url, verbose=False)
+
+
+def test_validate_reports_a_bad_config(client):
+    report, preview = client.predict("merge_method: ties\nmodels:\n  - model: org/a\n    parameters: {densty: 1}\n",
+                                     api_name="/validate")
+    assert "Error:" in report and "models[0].parameters.densty" in report and "did you mean" in report
+    assert preview == ""
+
+
+def test_demo_merge_then_upload(client, app_module, hub):
+    config = app_module.example_config(app_module.DEFAULT_EXAMPLE)
+    report, preview = client.predict(config, api_name="/validate")
+    assert "The config is valid" in report and "tensors to write: 39" in report
+    assert "(this merge)" in preview and "srcdoc=" in preview
+
+    log, result, archive, name = client.predict(config, api_name="/merge")
+    assert "Merged" in result and "[39/39]" in log and name == "demo-base-demo-chat-demo-code-ties"
+    with zipfile.ZipFile(archive) as bundle:
+        names = bundle.namelist()
+    assert f"{name}/model.safetensors" in names and f"{name}/README.md" in names
+
+    hub.write_tokens["hf_app_token"] = "app-user"
+    message = client.predict(name, False, "hf_app_token", api_name="/upload")
+    assert "Uploaded:" in message and f"app-user/{name}" in message
+    landed = hub.repos[f"app-user/{name}"]
+    assert {"model.safetensors", "README.md", "config.json", "mergekit_config.yml"} <= set(landed.files())
+    assert "base_model_relation: merge" in (landed.root / "README.md").read_text()
+
+
+def test_merge_error_is_one_line_and_leaves_no_job(client, app_module):
+    log, result, archive, name = client.predict("merge_method: slerp\nmodels:\n  - model: org/nope\n",
+                                                api_name="/merge")
+    assert result.startswith("**Error:**") and "\n" not in result and archive is None
+    assert not [p for p in app_module.WORK_ROOT.glob("job-*") if any(p.iterdir())]
+
+
+def test_lineage_on_the_offline_demo(client):
+    graph, nodes, cycles, shares, files = client.predict("mlabonne/NeuralBeagle14-7B", "both", 8, True, "",
+                                                         api_name="/lineage")
+    assert graph.startswith("<iframe srcdoc=") and "vis.Network" in graph.replace("&quot;", '"')
+    ids = [row[0] for row in nodes["data"]]
+    assert "mlabonne/Beagle14-7B" in ids and "leveldevai/TurdusBeagle-7B" in ids
+    assert "50% fblgit/UNA-TheBeagle-7b-v1" in shares
+    assert sorted(Path(f).suffix for f in files) == [".graphml", ".html", ".json"]
+
+
+def test_lineage_on_the_hub(client, hub, tmp_path):
+    root = tmp_path / "repos"
+    for repo_id, card in {"fam/base": "---\nlicense: mit\n---\n",
+                          "fam/child": "---\nbase_model: fam/base\n---\n"}.items():
+        (root / repo_id).mkdir(parents=True)
+        (root / repo_id / "README.md").write_text(card)
+        hub.add_repo(repo_id, root / repo_id, card_data={"base_model": "fam/base"} if "child" in repo_id else
+                     {"license": "mit"})
+    graph, nodes, cycles, shares, files = client.predict("fam/child", "up", 2, False, "", api_name="/lineage")
+    assert [row[0] for row in nodes["data"]] == ["fam/base", "fam/child"]
+    assert "100% fam/base" in shares and "No cycles" in cycles
+
+
+def test_hosted_mode_refuses_local_paths(app_module, monkeypatch, tmp_path):
+    monkeypatch.setattr(app_module, "HOSTED", True)
+    report, _ = app_module.validate(f"merge_method: linear\nmodels:\n  - model: {tmp_path}\n    parameters: {{weight: 1}}\n")
+    assert "local paths are not allowed here" in report
+    demo_report, _ = app_module.validate(app_module.example_config(app_module.DEFAULT_EXAMPLE))
+    assert "The config is valid" in demo_report  # the app's own demo models stay allowed
