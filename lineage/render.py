@@ -131,6 +131,8 @@ div.vis-tooltip {{ white-space: pre-line; max-width: 420px; }}
 var nodes = new vis.DataSet({nodes});
 var edges = new vis.DataSet({edges});
 var network = new vis.Network(document.getElementById("lineage"), {{nodes: nodes, edges: edges}}, {options});
+network.once("afterDrawing", function () {{ network.fit(); }});
+window.addEventListener("resize", function () {{ network.fit(); }});
 network.on("doubleClick", function (params) {{
   if (params.nodes.length) {{ window.open(nodes.get(params.nodes[0]).url, "_blank", "noopener"); }}
 }});

@@ -7,6 +7,7 @@ HF_ENDPOINT once at import time. Nothing in the suite reaches the network.
 from __future__ import annotations
 
 import os
+import socket
 import sys
 import tempfile
 from pathlib import Path
@@ -65,3 +66,39 @@ def _clean_hub(hub):
     hub.faults.clear()
     hub.token = None
     yield
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app_module(tmp_path_factory, hub):
+    import os
+
+    os.environ["MERGELINE_WORKDIR"] = str(tmp_path_factory.mktemp("app-work"))
+    os.environ["MERGELINE_CACHE"] = str(tmp_path_factory.mktemp("lineage-cache"))
+    import importlib
+
+    import app
+
+    return importlib.reload(app)
+
+
+@pytest.fixture(scope="module")
+def app_url(app_module):
+    demo = app_module.build_app()
+    port = _free_port()
+    demo.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
+                        allowed_paths=[str(app_module.WORK_ROOT)])
+    yield f"http://127.0.0.1:{port}/"
+    demo.close()
+
+
+@pytest.fixture(scope="module")
+def client(app_url):
+    from gradio_client import Client
+
+    return Client(app_url, verbose=False)

@@ -24,3 +24,14 @@ def test_torch_is_pinned_and_test_packages_are_separate():
     assert re.search(r"^torch==2\.13\.0$", runtime, re.M)
     assert "pytest" not in runtime and "transformers" not in runtime
     assert "pytest" in (ROOT / "requirements-test.txt").read_text()
+
+
+def test_space_front_matter_matches_the_pinned_gradio():
+    import yaml
+
+    readme = (ROOT / "README.md").read_text()
+    meta = yaml.safe_load(readme.split("---")[1])
+    assert meta["sdk"] == "gradio" and meta["app_file"] == "app.py" and meta["hf_oauth"] is True
+    assert "write-repos" in meta["hf_oauth_scopes"]
+    pinned = re.search(r"^gradio==(\S+)$", (ROOT / "requirements.txt").read_text(), re.M).group(1)
+    assert str(meta["sdk_version"]) == pinned
