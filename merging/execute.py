@@ -30,7 +30,7 @@ from .sources import TOKENIZER_FILES
 log = logging.getLogger("mergeline")
 
 ProgressFn = Callable[[int, int, str], None]  # (tensors done, total, current tensor name)
-CHUNK_ELEMENTS = 1 << 24  # row-chunk size for elementwise methods (64 MB of float32 per input)
+CHUNK_ELEMENTS = 1 << 18  # row chunks small enough that each input's chunk stays in the CPU cache
 
 
 @dataclass(frozen=True)
@@ -75,6 +75,8 @@ def _align_rows(tensors: list[torch.Tensor], rows: int) -> list[torch.Tensor]:
 
 
 class _Merger:
+    """Reads, converts and merges one planned tensor at a time, in row chunks where the method allows."""
+
     def __init__(self, plan: MergePlan, options: MergeOptions):
         self.plan = plan
         self.options = options
@@ -89,38 +91,47 @@ class _Merger:
     def read_inputs(self, tensor: PlannedTensor, rows: Optional[tuple[int, int]] = None) -> list[torch.Tensor]:
         return [self.reader(model).read(name, rows) for model, name in tensor.inputs]
 
-    def compute_dtype(self, tensor: PlannedTensor, inputs: list[torch.Tensor]) -> torch.dtype:
-        wide = tensor.out.dtype == torch.float64 or any(t.dtype == torch.float64 for t in inputs)
-        return torch.float64 if wide else torch.float32
+    def row_ranges(self, tensor: PlannedTensor) -> list[Optional[tuple[int, int]]]:
+        shape = tensor.out.shape
+        numel = tensor.out.nbytes // tensor.out.dtype.itemsize
+        if (not self.plan.method.chunkable or tensor.rows is not None or not shape or numel <= CHUNK_ELEMENTS
+                or not tensor.out.dtype.is_floating_point):
+            return [None]
+        step = max(1, CHUNK_ELEMENTS // (numel // shape[0]))
+        return [(start, min(start + step, shape[0])) for start in range(0, shape[0], step)]
 
-    def merge(self, tensor: PlannedTensor, inputs: list[torch.Tensor]) -> torch.Tensor:
-        if not all(t.is_floating_point() for t in inputs):
-            return inputs[0]  # integer buffers are copied from the first input, as mergekit does
+    def to_compute(self, tensor: PlannedTensor, inputs: list[torch.Tensor]):
+        """(base, others) on the compute device in float32 (float64 when asked), as the method sees them."""
         if tensor.rows is not None:
             inputs = _align_rows(inputs, tensor.rows)
         config_dtype = self.plan.config.dtype
-        compute = self.compute_dtype(tensor, inputs)
+        wide = config_dtype == torch.float64 or tensor.out.dtype == torch.float64 or any(
+            t.dtype == torch.float64 for t in inputs)
+        compute = torch.float64 if wide else torch.float32
         # Cast to the config's dtype first (as mergekit loads them), then widen for the arithmetic.
         work = [(t.to(config_dtype) if config_dtype else t).to(self.device, compute, non_blocking=True)
                 for t in inputs]
         base = work[tensor.base] if tensor.base is not None else None
-        others = [t for k, t in enumerate(work) if k != tensor.base]
-        params = dict(tensor.params)
-        method = self.plan.method
-        if method.randomized:
-            generator = torch.Generator(device=self.device)
-            generator.manual_seed(tensor_seed(self.options.seed, tensor.seed_key))
-            params["generator"] = generator
-        result = method(base, others, **params)
-        return result.to("cpu", tensor.out.dtype)
+        return base, [t for k, t in enumerate(work) if k != tensor.base]
 
-    def chunks(self, tensor: PlannedTensor) -> list[Optional[tuple[int, int]]]:
-        shape = tensor.out.shape
+    def kernel(self, tensor: PlannedTensor, ranges: list[Optional[tuple[int, int]]]):
+        """The function that merges each chunk of `tensor`, after any whole-tensor passes."""
+        method = self.plan.method
+        params = dict(tensor.params)
+        if method.randomized:
+            params["seed"] = tensor_seed(self.options.seed, tensor.seed_key)
+        if method.prepare is None:
+            return lambda base, others, offset: method.fn(base, others, **params)
+        row_elements = (tensor.out.nbytes // tensor.out.dtype.itemsize) // max(1, tensor.out.shape[0]) \
+            if tensor.out.shape else 1
+
+        def chunks():
+            for rows in ranges:
+                base, others = self.to_compute(tensor, self.read_inputs(tensor, rows))
+                yield base, others, (rows[0] * row_elements if rows else 0)
+
         numel = tensor.out.nbytes // tensor.out.dtype.itemsize
-        if not self.plan.method.elementwise or tensor.rows is not None or len(shape) < 2 or numel <= CHUNK_ELEMENTS:
-            return [None]
-        step = max(1, CHUNK_ELEMENTS // (numel // shape[0]))
-        return [(start, min(start + step, shape[0])) for start in range(0, shape[0], step)]
+        return method.prepare(chunks, numel, **params)
 
     def close(self) -> None:
         for reader in self.readers.values():
@@ -152,26 +163,38 @@ def _write_weights(plan: MergePlan, merger: _Merger, staging: Path, options: Mer
                    progress: Optional[ProgressFn]) -> list[str]:
     writer = ShardedWriter(staging, [t.out for t in plan.tensors], options.out_shard_bytes,
                            {"mergekit_method": plan.method.name, "generated_by": "mergeline"})
-    work = [(tensor, rows) for tensor in plan.tensors for rows in merger.chunks(tensor)]
+    work = [(tensor, rows) for tensor in plan.tensors for rows in merger.row_ranges(tensor)]
     total = len(plan.tensors)
     done = 0
     # One reader thread keeps the next inputs in flight while this thread merges and writes.
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergeline-read") if options.read_ahead else None
+
     def load(index: int) -> list[torch.Tensor]:
         tensor, rows = work[index]
         return merger.read_inputs(tensor, rows)
 
     pending: Optional[Future] = pool.submit(load, 0) if pool and work else None
+    kernel = None
     try:
         for index, (tensor, rows) in enumerate(work):
             inputs = pending.result() if pending else load(index)
             pending = pool.submit(load, index + 1) if pool and index + 1 < len(work) else None
-            merged = merger.merge(tensor, inputs)
+            first = rows is None or rows[0] == 0
+            last = rows is None or rows[1] == tensor.out.shape[0]
+            if not all(t.is_floating_point() for t in inputs):
+                merged = inputs[0]  # integer buffers are copied from the first input, as mergekit does
+            else:
+                if first:
+                    kernel = merger.kernel(tensor, merger.row_ranges(tensor))
+                base, others = merger.to_compute(tensor, inputs)
+                offset = rows[0] * (tensor.out.nbytes // tensor.out.dtype.itemsize // tensor.out.shape[0]) if rows else 0
+                merged = kernel(base, others, offset).to("cpu", tensor.out.dtype)
+                del base, others
             del inputs
             _check_finite(tensor, merged)
             writer.write(tensor.name, merged, rows[0] if rows else 0)
             del merged
-            if rows is None or rows[1] == tensor.out.shape[0]:
+            if last:
                 done += 1
                 if progress:
                     progress(done, total, tensor.name)

@@ -6,12 +6,17 @@ load, cast for output or write: that is the engine's job.
 
 Calling convention::
 
-    fn(base, models, *, <shared parameters>, <per-model parameters as lists>, generator)
+    fn(base, models, *, <shared parameters>, <per-model parameters as lists>, seed)
 
 ``base`` is the base model's tensor (``None`` when the method ignores or lacks a base) and
 ``models`` the other inputs in config order; a per-model parameter arrives as a list aligned
 with ``models``. Methods that ignore the base (linear, karcher, passthrough) get every input in
-``models``. ``generator`` (a seeded ``torch.Generator``) is passed to randomized methods only.
+``models``. ``seed`` (an int) is passed to randomized methods only.
+
+Methods that need whole-tensor statistics but can then work chunk by chunk (TIES thresholds,
+DARE rescale sums, the SLERP angle) declare ``prepare(chunks, numel, **params) -> kernel``
+instead of ``fn``; the engine streams row chunks through it, and calling the method on whole
+tensors runs the same code on a single chunk.
 
 Semantics and defaults follow mergekit 0.1.5; the docs list where we deliberately differ.
 """
@@ -20,12 +25,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+import math
 
 import torch
 import torch.nn.functional as F
 
+from .selection import TopK, stream_seed, uniform
+
 Tensor = torch.Tensor
+# chunks() iterates (base chunk or None, model chunks, flat offset of the chunk), as often as needed
+Chunks = Callable[[], Iterator[tuple[Optional[Tensor], list[Tensor], int]]]
+Kernel = Callable[[Optional[Tensor], list[Tensor], int], Tensor]
 
 REQUIRED: Any = object()
 
@@ -53,14 +65,17 @@ class Parameter:
 class MergeMethod:
     name: str
     title: str
-    fn: Callable[..., Tensor]
+    fn: Optional[Callable[..., Tensor]]  # None when `prepare` builds the kernel
     base: BasePolicy
     parameters: tuple[Parameter, ...] = ()
     min_models: int = 1  # inputs in `models` (the base excluded unless the base is ignored)
     max_models: Optional[int] = None
-    randomized: bool = False
-    # The method treats every element on its own, so the engine may feed it row chunks.
-    elementwise: bool = False
+    randomized: bool = False  # gets a `seed` keyword; the same seed gives the same result
+    # The method can work on row chunks of a tensor (after `prepare`, if any, saw the whole of it).
+    chunkable: bool = False
+    # Whole-tensor statistics gathered over chunks before merging (TIES thresholds, SLERP angle):
+    # prepare(chunks, numel, **params) returns the kernel(base, models, offset) for each chunk.
+    prepare: Optional[Callable[..., "Kernel"]] = None
     reference: str = ""
     param_index: dict[str, Parameter] = field(init=False, repr=False, compare=False)
 
@@ -68,7 +83,13 @@ class MergeMethod:
         object.__setattr__(self, "param_index", {p.name: p for p in self.parameters})
 
     def __call__(self, base: Optional[Tensor], models: Sequence[Tensor], **params: Any) -> Tensor:
-        return self.fn(base, list(models), **params)
+        """Merge whole tensors (the engine streams large ones through `prepare` and the kernel instead)."""
+        models = list(models)
+        if self.prepare is None:
+            return self.fn(base, models, **params)
+        numel = (base if base is not None else models[0]).numel()
+        kernel = self.prepare(lambda: iter([(base, models, 0)]), numel, **params)
+        return kernel(base, models, 0)
 
 
 REGISTRY: dict[str, MergeMethod] = {}
@@ -121,22 +142,10 @@ def top_k_mask(values: Tensor, k: int) -> Tensor:
     return mask.reshape(values.shape)
 
 
-def magnitude_prune(delta: Tensor, density: float, rescale: bool) -> Tensor:
-    """Keep the `density` share of entries with the largest magnitude (TIES)."""
-    if density >= 1:
-        return delta
-    if density <= 0 or delta.numel() == 0:
-        return torch.zeros_like(delta)
-    k = max(1, int(density * delta.numel()))
-    return _l1_rescaled(delta, top_k_mask(delta.abs(), k), rescale)
-
-
-def random_prune(delta: Tensor, density: float, rescale: bool, generator: torch.Generator) -> Tensor:
-    """Keep each entry with probability `density` (DARE)."""
-    if density >= 1:
-        return delta
-    keep = torch.rand(delta.shape, generator=generator, device=delta.device) < density
-    return _l1_rescaled(delta, keep, rescale)
+def random_keep(seed: int, density: float, like: Tensor, offset: int = 0) -> Tensor:
+    """Keep each entry with probability `density` (DARE); reproducible per flat position."""
+    draws = uniform(seed, offset, offset + like.numel(), like.device)
+    return (draws < density).reshape(like.shape)
 
 
 def outlier_prune(delta: Tensor, density: float, gamma: float, rescale: bool) -> Tensor:
@@ -153,9 +162,7 @@ def outlier_prune(delta: Tensor, density: float, gamma: float, rescale: bool) ->
     return _l1_rescaled(delta, mask.reshape(delta.shape), rescale)
 
 
-def rank_prune(
-    delta: Tensor, density: float, epsilon: float, rescale: bool, generator: torch.Generator
-) -> Tensor:
+def rank_prune(delta: Tensor, density: float, epsilon: float, rescale: bool, seed: int) -> Tensor:
     """Keep entries with a probability that grows with their magnitude rank per row (DELLA)."""
     if density >= 1:
         return delta
@@ -171,7 +178,7 @@ def rank_prune(
     high = ranks.max(dim=1, keepdim=True).values
     spread = ((ranks - low) / (high - low)).clamp(0, 1)
     probability = (density - epsilon) + spread * 2 * epsilon
-    keep = torch.rand(rows.shape, generator=generator, device=rows.device) < probability
+    keep = uniform(seed, 0, rows.numel(), rows.device).reshape(rows.shape) < probability
     return _l1_rescaled(rows, keep, rescale).reshape(delta.shape)
 
 
@@ -194,22 +201,31 @@ def linear(base: None, models: list[Tensor], *, weight: list[float], normalize: 
     return result
 
 
-def slerp_pair(t: float, v0: Tensor, v1: Tensor, dot_threshold: float = 0.9995, eps: float = 1e-8) -> Tensor:
-    """Spherical interpolation between two whole tensors, linear when they are (anti)collinear."""
-    norm0 = torch.linalg.vector_norm(v0)
-    norm1 = torch.linalg.vector_norm(v1)
-    norm0 = norm0 if norm0 > eps else torch.ones_like(norm0)
-    norm1 = norm1 if norm1 > eps else torch.ones_like(norm1)
-    dot = ((v0 / norm0) * (v1 / norm1)).sum().clamp(-1, 1)
-    if dot.abs() > dot_threshold:
-        return (1 - t) * v0 + t * v1
-    theta = torch.acos(dot)
-    sin_theta = torch.sin(theta)
-    return (torch.sin((1 - t) * theta) / sin_theta) * v0 + (torch.sin(t * theta) / sin_theta) * v1
+def _slerp_coefficients(t: float, sq0: float, sq1: float, dot: float, dot_threshold: float = 0.9995,
+                        eps: float = 1e-8) -> tuple[float, float]:
+    """(a, b) with slerp(v0, v1) = a*v0 + b*v1, from |v0|^2, |v1|^2 and v0.v1 (linear when collinear)."""
+    norm0, norm1 = math.sqrt(sq0), math.sqrt(sq1)
+    norm0, norm1 = (norm0 if norm0 > eps else 1.0), (norm1 if norm1 > eps else 1.0)
+    cos = max(-1.0, min(1.0, dot / (norm0 * norm1)))
+    if abs(cos) > dot_threshold:
+        return 1 - t, t
+    theta = math.acos(cos)
+    return math.sin((1 - t) * theta) / math.sin(theta), math.sin(t * theta) / math.sin(theta)
 
 
-def slerp(base: Tensor, models: list[Tensor], *, t: float) -> Tensor:
-    return slerp_pair(t, base, models[0])
+def prepare_slerp(chunks: Chunks, numel: int, *, t: float) -> Kernel:
+    sq0 = sq1 = dot = 0.0
+    for base, (other,), _ in chunks():
+        sq0 += float(torch.dot(base.reshape(-1), base.reshape(-1)))
+        sq1 += float(torch.dot(other.reshape(-1), other.reshape(-1)))
+        dot += float(torch.dot(base.reshape(-1), other.reshape(-1)))
+    a, b = _slerp_coefficients(t, sq0, sq1, dot)
+    return lambda base, models, offset: base * a + models[0] * b
+
+
+def slerp_pair(t: float, v0: Tensor, v1: Tensor) -> Tensor:
+    """Spherical interpolation between two whole tensors."""
+    return prepare_slerp(lambda: iter([(v0, [v1], 0)]), v0.numel(), t=t)(v0, [v1], 0)
 
 
 def _nuslerp_pair(t: float, v0: Tensor, v1: Tensor, row_wise: bool, flatten: bool, eps: float = 1e-8) -> Tensor:
@@ -320,55 +336,95 @@ class Sparsify(str, Enum):
     RANK = "della_magprune"
 
 
-def task_arithmetic_family(sparsify: Optional[Sparsify], consensus: bool) -> Callable[..., Tensor]:
-    """Task-vector merges: prune each delta, weight it, elect signs, sum, normalize, scale."""
+def combine_deltas(base: Tensor, deltas: list[Tensor], weight: list[float], consensus: bool, normalize: bool,
+                   scale: float) -> Tensor:
+    """Weight the (pruned) task vectors, elect signs (TIES), sum, normalize by the weights, scale."""
+    if not deltas:
+        return base
+    stacked = torch.stack(deltas)
+    weights = torch.tensor(weight, dtype=stacked.dtype, device=stacked.device).view(-1, *([1] * base.dim()))
+    stacked.mul_(weights)
+    if consensus:
+        mask = sign_consensus(stacked)
+        mixed = (stacked * mask).sum(dim=0)
+        divisor = (weights * mask).sum(dim=0)
+        divisor[divisor == 0] = 1
+    else:
+        mixed = stacked.sum(dim=0)
+        divisor = weights.sum(dim=0)
+        divisor[divisor.abs() < 1e-8] = 1
+    if normalize:
+        mixed /= divisor
+    if scale != 1:
+        mixed *= scale
+    return base + mixed
 
-    def merge(
-        base: Tensor,
-        models: list[Tensor],
-        *,
-        weight: list[float],
-        density: list[float],
-        normalize: bool,
-        rescale: bool,
-        int8_mask: bool,  # a memory knob in mergekit; masks here are boolean already
-        generator: Optional[torch.Generator] = None,
-        gamma: Optional[list[float]] = None,
-        epsilon: Optional[list[float]] = None,
-        **keyword_named: float,  # `lambda` cannot be a Python parameter name
-    ) -> Tensor:
-        if not models:
-            return base
-        deltas = torch.empty((len(models), *base.shape), dtype=base.dtype, device=base.device)
-        for i, model in enumerate(models):
-            delta = torch.sub(model, base, out=deltas[i])
-            if sparsify is Sparsify.MAGNITUDE:
-                deltas[i] = magnitude_prune(delta, density[i], rescale)
-            elif sparsify is Sparsify.RANDOM:
-                deltas[i] = random_prune(delta, density[i], rescale, generator)
-            elif sparsify is Sparsify.OUTLIERS:
-                deltas[i] = outlier_prune(delta, density[i], gamma[i], rescale)
-            elif sparsify is Sparsify.RANK:
-                deltas[i] = rank_prune(delta, density[i], epsilon[i], rescale, generator)
-        weights = torch.tensor(weight, dtype=deltas.dtype, device=deltas.device).view(-1, *([1] * base.dim()))
-        deltas.mul_(weights)
-        if consensus:
-            mask = sign_consensus(deltas)
-            mixed = (deltas * mask).sum(dim=0)
-            divisor = (weights * mask).sum(dim=0)
-            divisor[divisor == 0] = 1
-        else:
-            mixed = deltas.sum(dim=0)
-            divisor = weights.sum(dim=0)
-            divisor[divisor.abs() < 1e-8] = 1
-        if normalize:
-            mixed /= divisor
-        scale = keyword_named["lambda"]
-        if scale != 1:
-            mixed *= scale
-        return base + mixed
 
-    return merge
+def _rescale_factor(total: float, kept: float) -> float:
+    return total / kept if total >= 1e-7 and kept >= 1e-7 else 1.0
+
+
+def task_arithmetic_family(sparsify: Optional[Sparsify], consensus: bool) -> Callable[..., Kernel]:
+    """Task-vector merges: prune each delta, weight it, elect signs, sum, normalize, scale.
+
+    Magnitude pruning (TIES) and random pruning (DARE) stream: thresholds and L1 rescale factors
+    come from passes over the chunks, then each chunk merges on its own. Outlier (breadcrumbs)
+    and rank (DELLA) pruning need the whole tensor and get it as one chunk.
+    """
+
+    def prepare(chunks: Chunks, numel: int, *, weight: list[float], density: list[float], normalize: bool,
+                rescale: bool, int8_mask: bool, seed: int = 0, gamma: Optional[list[float]] = None,
+                epsilon: Optional[list[float]] = None, **keyword_named: float) -> Kernel:
+        del int8_mask  # a memory knob in mergekit; masks here are boolean already
+        scale = keyword_named["lambda"]  # `lambda` cannot be a Python parameter name
+        count = len(weight)
+        seeds = [stream_seed(seed, "model", i) for i in range(count)]
+        factors = [1.0] * count
+        pruned = [0 < d < 1 for d in density]
+        if sparsify is Sparsify.MAGNITUDE:
+            selectors = [TopK(max(1, int(d * numel)), numel) if p else None for d, p in zip(density, pruned)]
+            active = [i for i, sel in enumerate(selectors) if sel is not None]
+            if active:
+                for scan, finish in (("scan_high", "finish_high"), ("scan_low", "finish_low")):
+                    for base, models, _ in chunks():
+                        for i in active:
+                            getattr(selectors[i], scan)((models[i] - base).abs())
+                    for i in active:
+                        getattr(selectors[i], finish)()
+            if rescale:
+                factors = [_rescale_factor(sel.total_sum, sel.kept_sum) if sel else 1.0 for sel in selectors]
+        elif sparsify is Sparsify.RANDOM and rescale and any(pruned):
+            totals, kept = [0.0] * count, [0.0] * count
+            for base, models, offset in chunks():
+                for i in (i for i in range(count) if pruned[i]):
+                    magnitude = (models[i] - base).abs()
+                    totals[i] += float(magnitude.sum(dtype=torch.float64))
+                    keep = random_keep(seeds[i], density[i], magnitude, offset)
+                    kept[i] += float((magnitude * keep).sum(dtype=torch.float64))
+            factors = [_rescale_factor(t, k) if p else 1.0 for t, k, p in zip(totals, kept, pruned)]
+
+        def kernel(base: Tensor, models: list[Tensor], offset: int) -> Tensor:
+            deltas = []
+            for i, model in enumerate(models):
+                delta = model - base
+                if density[i] <= 0 and sparsify in (Sparsify.MAGNITUDE, Sparsify.RANK):
+                    delta = torch.zeros_like(delta)
+                elif sparsify is Sparsify.MAGNITUDE and pruned[i]:
+                    delta *= selectors[i].mask(delta.abs())
+                elif sparsify is Sparsify.RANDOM and pruned[i]:
+                    delta *= random_keep(seeds[i], density[i], delta, offset)
+                elif sparsify is Sparsify.OUTLIERS:
+                    delta = outlier_prune(delta, density[i], gamma[i], rescale)
+                elif sparsify is Sparsify.RANK:
+                    delta = rank_prune(delta, density[i], epsilon[i], rescale, seeds[i])
+                if factors[i] != 1.0:
+                    delta *= factors[i]
+                deltas.append(delta)
+            return combine_deltas(base, deltas, weight, consensus, normalize, scale)
+
+        return kernel
+
+    return prepare
 
 
 def model_stock(base: Tensor, models: list[Tensor], *, filter_wise: bool) -> Tensor:
@@ -422,11 +478,13 @@ def nearswap(base: Tensor, models: list[Tensor], *, t: float) -> Tensor:
     return weight * other + (1 - weight) * base
 
 
-def arcee_fusion(base: Tensor, models: list[Tensor], *, generator: torch.Generator) -> Tensor:
+def arcee_fusion(base: Tensor, models: list[Tensor], *, seed: int) -> Tensor:
     other = models[0]
     p = F.softmax(other, dim=-1) + 1e-8
     q = F.softmax(base, dim=-1) + 1e-8
     importance = (other - base).abs() * torch.sum(p * torch.log(p / q), dim=-1, keepdim=True)
+    generator = torch.Generator(device=importance.device)
+    generator.manual_seed(seed)
     q1, median, q3 = _approximate_quantiles(importance, (0.25, 0.5, 0.75), generator)
     mask = importance >= median + 1.5 * (q3 - q1)
     return base + (other - base) * mask
@@ -478,10 +536,11 @@ def passthrough(base: None, models: list[Tensor], *, scale: list[Optional[float]
 _WEIGHT = Parameter("weight", float, per_model=True)
 
 register(MergeMethod("linear", "Linear (model soup)", linear, BasePolicy.IGNORED,
-                     (_WEIGHT, Parameter("normalize", bool, True)), elementwise=True,
+                     (_WEIGHT, Parameter("normalize", bool, True)), chunkable=True,
                      reference="https://arxiv.org/abs/2203.05482"))
-register(MergeMethod("slerp", "SLERP", slerp, BasePolicy.REQUIRED, (Parameter("t", float),),
-                     min_models=1, max_models=1, reference="https://en.wikipedia.org/wiki/Slerp"))
+register(MergeMethod("slerp", "SLERP", None, BasePolicy.REQUIRED, (Parameter("t", float),),
+                     min_models=1, max_models=1, chunkable=True, prepare=prepare_slerp,
+                     reference="https://en.wikipedia.org/wiki/Slerp"))
 register(MergeMethod("nuslerp", "NuSLERP", nuslerp, BasePolicy.OPTIONAL,
                      (_WEIGHT, Parameter("nuslerp_row_wise", bool, False), Parameter("nuslerp_flatten", bool, True)),
                      min_models=2, max_models=2))
@@ -508,8 +567,10 @@ def _task_arithmetic(name: str, title: str, sparsify: Optional[Sparsify], consen
     if sparsify is Sparsify.RANK:
         params.append(Parameter("epsilon", float, 0.15, per_model=True))
     randomized = sparsify in (Sparsify.RANDOM, Sparsify.RANK)
-    return register(MergeMethod(name, title, task_arithmetic_family(sparsify, consensus), BasePolicy.REQUIRED,
-                                tuple(params), randomized=randomized, reference=reference))
+    chunkable = sparsify in (None, Sparsify.MAGNITUDE, Sparsify.RANDOM)
+    return register(MergeMethod(name, title, None, BasePolicy.REQUIRED, tuple(params), randomized=randomized,
+                                chunkable=chunkable, prepare=task_arithmetic_family(sparsify, consensus),
+                                reference=reference))
 
 
 _task_arithmetic("task_arithmetic", "Task arithmetic", None, False, False, False, "https://arxiv.org/abs/2212.04089")
@@ -530,7 +591,7 @@ register(MergeMethod("sce", "SCE", sce, BasePolicy.REQUIRED,
                      (Parameter("int8_mask", bool, False), Parameter("select_topk", float, 1.0)),
                      reference="https://arxiv.org/abs/2408.07990"))
 register(MergeMethod("nearswap", "NearSwap", nearswap, BasePolicy.REQUIRED, (Parameter("t", float),),
-                     min_models=1, max_models=1, elementwise=True,
+                     min_models=1, max_models=1, chunkable=True,
                      reference="https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001"))
 register(MergeMethod("arcee_fusion", "Arcee Fusion", arcee_fusion, BasePolicy.REQUIRED, (),
                      min_models=1, max_models=1, randomized=True, reference="https://arcee.ai"))
@@ -541,5 +602,5 @@ register(MergeMethod("ramplus_tl", "RAM+ (tensor-local)", ramplus_tl, BasePolicy
                      reference="https://arxiv.org/abs/2601.13572"))
 register(MergeMethod("passthrough", "Passthrough", passthrough, BasePolicy.IGNORED,
                      (Parameter("scale", float, None, per_model=True, optional=True),),
-                     max_models=1, elementwise=True))
+                     max_models=1, chunkable=True))
 

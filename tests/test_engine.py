@@ -194,15 +194,15 @@ def test_failure_midway_leaves_nothing(llama, tmp_path, monkeypatch):
     base, ft = llama.base(), llama.finetune(1)
     text = f"merge_method: linear\nmodels:\n  - {{model: {base}, parameters: {{weight: 1}}}}\n  - {{model: {ft}, parameters: {{weight: 1}}}}\n"
     calls = {"n": 0}
-    original = execute_module._Merger.merge
+    original = execute_module._Merger.kernel
 
-    def failing(self, tensor, inputs):
+    def failing(self, tensor, ranges):
         calls["n"] += 1
         if calls["n"] == 5:
             raise MergeError("boom")
-        return original(self, tensor, inputs)
+        return original(self, tensor, ranges)
 
-    monkeypatch.setattr(execute_module._Merger, "merge", failing)
+    monkeypatch.setattr(execute_module._Merger, "kernel", failing)
     with pytest.raises(MergeError, match="boom"):
         run_merge(parse_config(text), tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
@@ -226,11 +226,16 @@ def test_pickled_weights_need_allow_pickle(llama, tmp_path):
     torch.testing.assert_close(merged["lm_head.weight"], want)
 
 
-def test_elementwise_methods_stream_in_row_chunks_with_identical_results(llama, tmp_path, monkeypatch):
-    base, ft = llama.base(), llama.finetune(1)
-    text = f"merge_method: linear\nmodels:\n  - {{model: {base}, parameters: {{weight: 0.3}}}}\n  - {{model: {ft}, parameters: {{weight: 0.7}}}}\n"
-    run_merge(parse_config(text), tmp_path / "whole")
+@pytest.mark.parametrize("method, params", [
+    ("linear", "weight: 0.5"), ("ties", "weight: 0.5, density: 0.3"), ("dare_ties", "weight: 0.5, density: 0.3"),
+    ("dare_linear", "weight: 0.5, density: 0.6"), ("task_arithmetic", "weight: 0.7"),
+])
+def test_streaming_in_row_chunks_gives_identical_results(method, params, llama, tmp_path, monkeypatch):
+    base, ft1, ft2 = llama.base(), llama.finetune(1), llama.finetune(2)
+    text = (f"merge_method: {method}\nbase_model: {base}\nmodels:\n  - {{model: {base}, parameters: {{weight: 0.2}}}}\n"
+            f"  - {{model: {ft1}, parameters: {{{params}}}}}\n  - {{model: {ft2}, parameters: {{{params}}}}}\n")
+    run_merge(parse_config(text), tmp_path / "whole", options=MergeOptions(seed=3))
     monkeypatch.setattr(execute_module, "CHUNK_ELEMENTS", 100)
-    run_merge(parse_config(text), tmp_path / "chunked")
+    run_merge(parse_config(text), tmp_path / "chunked", options=MergeOptions(seed=3))
     whole, chunked = load_state(tmp_path / "whole"), load_state(tmp_path / "chunked")
     assert all(torch.equal(whole[k], chunked[k]) for k in whole)

@@ -15,6 +15,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from golden.make_golden import CONFIG, MODELS
+from merging import execute as execute_module
 from merging import parse_config, run_merge
 from tiny_models import load_state
 
@@ -34,8 +35,11 @@ def golden_models(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.mark.parametrize("chunk_elements", [None, 40], ids=["whole", "chunked"])
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_matches_mergekit(case, golden_models, tmp_path):
+def test_matches_mergekit(case, chunk_elements, golden_models, tmp_path, monkeypatch):
+    if chunk_elements:  # stream tensors in chunks of a few rows: every chunk boundary must be seamless
+        monkeypatch.setattr(execute_module, "CHUNK_ELEMENTS", chunk_elements)
     text = yaml.safe_dump(CASES[case]).replace("MODELS/", f"{golden_models}/")
     run_merge(parse_config(text), tmp_path / "out")
     ours = load_state(tmp_path / "out")

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from merging.methods import REGISTRY, magnitude_prune, top_k_mask
+from merging.methods import REGISTRY, top_k_mask
+from merging.selection import TopK, uniform
 
 
 def _inputs(n: int = 3, shape=(64, 48), seed: int = 0):
@@ -41,21 +42,57 @@ def test_top_k_mask_keeps_exactly_k_with_ties():
     assert int(top_k_mask(torch.randn(1000), 137).sum()) == 137
 
 
-def test_magnitude_prune_matches_a_sort():
-    delta = torch.randn(40, 30)
-    kept = magnitude_prune(delta, 0.25, rescale=False)
-    k = int(0.25 * delta.numel())
-    threshold = delta.abs().flatten().sort(descending=True).values[k - 1]
-    torch.testing.assert_close(kept, delta * (delta.abs() >= threshold))
+def _streamed_mask(values: torch.Tensor, k: int, chunk: int) -> torch.Tensor:
+    flat = values.reshape(-1)
+    pieces = [flat[i:i + chunk] for i in range(0, flat.numel(), chunk)]
+    selector = TopK(k, flat.numel())
+    for piece in pieces:
+        selector.scan_high(piece)
+    selector.finish_high()
+    for piece in pieces:
+        selector.scan_low(piece)
+    selector.finish_low()
+    return torch.cat([selector.mask(piece) for piece in pieces]).reshape(values.shape)
 
 
-def _dare_reference(base, models, weights, density, generator_seed, consensus, normalize):
+@pytest.mark.parametrize("chunk", [7, 100, 10_000])
+@pytest.mark.parametrize("k", [1, 13, 500, 999, 1000])
+def test_streamed_top_k_equals_the_whole_tensor_mask(chunk, k):
+    values = torch.randn(1000).abs()
+    values[::3] = values[5]  # plenty of ties at one value, as bf16 deltas have
+    assert torch.equal(_streamed_mask(values, k, chunk), top_k_mask(values, k))
+
+
+def test_streamed_top_k_keeps_the_largest_and_their_sum():
+    values = torch.rand(5000)
+    selector = TopK(250, 5000)
+    selector.scan_high(values)
+    selector.finish_high()
+    selector.scan_low(values)
+    selector.finish_low()
+    mask = selector.mask(values)
+    threshold = values.sort(descending=True).values[249]
+    assert torch.equal(mask, values >= threshold)
+    assert selector.kept_sum == pytest.approx(float(values[mask].double().sum()))
+    assert selector.total_sum == pytest.approx(float(values.double().sum()))
+
+
+def test_block_randomness_does_not_depend_on_chunking():
+    whole = uniform(42, 0, 1_000_000, torch.device("cpu"))
+    parts = torch.cat([uniform(42, a, min(a + 77_777, 1_000_000), torch.device("cpu"))
+                       for a in range(0, 1_000_000, 77_777)])
+    assert torch.equal(whole, parts)
+    assert not torch.equal(whole, uniform(43, 0, 1_000_000, torch.device("cpu")))
+
+
+def _dare_reference(base, models, weights, density, seed, consensus, normalize):
     """DARE by the paper: keep each delta entry with probability `density`, rescale to the L1 norm."""
-    g = torch.Generator().manual_seed(generator_seed)
+    from merging.selection import stream_seed
+
     deltas = []
-    for model, w in zip(models, weights):
+    for i, (model, w) in enumerate(zip(models, weights)):
         delta = model - base
-        keep = torch.rand(delta.shape, generator=g) < density
+        keep = uniform(stream_seed(seed, "model", i), 0, delta.numel(), delta.device).reshape(delta.shape) < density
         pruned = delta * keep
         pruned = pruned * (delta.abs().sum() / pruned.abs().sum())
         deltas.append(pruned * w)
@@ -76,7 +113,7 @@ def _dare_reference(base, models, weights, density, generator_seed, consensus, n
 def test_dare_matches_reference_formula(name, consensus):
     base, models = _inputs(2)
     params = dict(weight=[0.6, 0.4], density=[0.3, 0.3], normalize=False, rescale=True, int8_mask=False)
-    got = REGISTRY[name](base, models, generator=torch.Generator().manual_seed(7), **params, **{"lambda": 1.0})
+    got = REGISTRY[name](base, models, seed=7, **params, **{"lambda": 1.0})
     want = _dare_reference(base, models, [0.6, 0.4], 0.3, 7, consensus, normalize=False)
     torch.testing.assert_close(got, want)
 
@@ -89,7 +126,7 @@ def test_randomized_methods_keep_about_density_and_follow_the_seed(name):
         params["epsilon"] = [0.1]
 
     def run(seed):
-        return REGISTRY[name](base, models, generator=torch.Generator().manual_seed(seed), **params)
+        return REGISTRY[name](base, models, seed=seed, **params)
 
     first, again, other = run(1), run(1), run(2)
     assert torch.equal(first, again)
@@ -103,7 +140,7 @@ def test_della_prefers_large_magnitudes():
     delta = torch.linspace(0.01, 1.0, 400).repeat(50, 1)
     params = dict(weight=[1.0], density=[0.5], epsilon=[0.4], normalize=False, rescale=False, int8_mask=False,
                   **{"lambda": 1.0})
-    out = REGISTRY["della"](base, [base + delta], generator=torch.Generator().manual_seed(0), **params)
+    out = REGISTRY["della"](base, [base + delta], seed=0, **params)
     kept = out != 0
     assert kept[:, :100].float().mean() < 0.25 < 0.75 < kept[:, 300:].float().mean()
 
