@@ -336,12 +336,11 @@ class Sparsify(str, Enum):
     RANK = "della_magprune"
 
 
-def combine_deltas(base: Tensor, deltas: list[Tensor], weight: list[float], consensus: bool, normalize: bool,
+def combine_deltas(base: Tensor, stacked: Tensor, weight: list[float], consensus: bool, normalize: bool,
                    scale: float) -> Tensor:
-    """Weight the (pruned) task vectors, elect signs (TIES), sum, normalize by the weights, scale."""
-    if not deltas:
+    """Weight the stacked (pruned) task vectors, elect signs (TIES), sum, normalize by the weights, scale."""
+    if not len(stacked):
         return base
-    stacked = torch.stack(deltas)
     weights = torch.tensor(weight, dtype=stacked.dtype, device=stacked.device).view(-1, *([1] * base.dim()))
     stacked.mul_(weights)
     if consensus:
@@ -382,7 +381,8 @@ def task_arithmetic_family(sparsify: Optional[Sparsify], consensus: bool) -> Cal
         factors = [1.0] * count
         pruned = [0 < d < 1 for d in density]
         if sparsify is Sparsify.MAGNITUDE:
-            selectors = [TopK(max(1, int(d * numel)), numel) if p else None for d, p in zip(density, pruned)]
+            selectors = [TopK(max(1, int(d * numel)), numel, track_sums=rescale) if p else None
+                         for d, p in zip(density, pruned)]
             active = [i for i, sel in enumerate(selectors) if sel is not None]
             if active:
                 for scan, finish in (("scan_high", "finish_high"), ("scan_low", "finish_low")):
@@ -404,11 +404,11 @@ def task_arithmetic_family(sparsify: Optional[Sparsify], consensus: bool) -> Cal
             factors = [_rescale_factor(t, k) if p else 1.0 for t, k, p in zip(totals, kept, pruned)]
 
         def kernel(base: Tensor, models: list[Tensor], offset: int) -> Tensor:
-            deltas = []
+            deltas = torch.empty((len(models), *base.shape), dtype=base.dtype, device=base.device)
             for i, model in enumerate(models):
-                delta = model - base
+                delta = torch.sub(model, base, out=deltas[i])
                 if density[i] <= 0 and sparsify in (Sparsify.MAGNITUDE, Sparsify.RANK):
-                    delta = torch.zeros_like(delta)
+                    delta.zero_()
                 elif sparsify is Sparsify.MAGNITUDE and pruned[i]:
                     delta *= selectors[i].mask(delta.abs())
                 elif sparsify is Sparsify.RANDOM and pruned[i]:
@@ -419,7 +419,8 @@ def task_arithmetic_family(sparsify: Optional[Sparsify], consensus: bool) -> Cal
                     delta = rank_prune(delta, density[i], epsilon[i], rescale, seeds[i])
                 if factors[i] != 1.0:
                     delta *= factors[i]
-                deltas.append(delta)
+                if delta.data_ptr() != deltas[i].data_ptr():
+                    deltas[i] = delta
             return combine_deltas(base, deltas, weight, consensus, normalize, scale)
 
         return kernel

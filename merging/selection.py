@@ -34,8 +34,8 @@ class TopK:
     stream order) until exactly k are kept, as `methods.top_k_mask` does on a whole tensor.
     """
 
-    def __init__(self, k: int, numel: int):
-        self.k, self.numel = k, numel
+    def __init__(self, k: int, numel: int, track_sums: bool = False):
+        self.k, self.numel, self.track_sums = k, numel, track_sums
         self.all = k >= numel
         self.none = k <= 0
         self._high = torch.zeros(_BINS, dtype=torch.int64)
@@ -53,10 +53,10 @@ class TopK:
         return self.all or self.none
 
     def scan_high(self, magnitudes: Tensor) -> None:
-        keys = _keys(magnitudes).reshape(-1).cpu()
-        weights = magnitudes.reshape(-1).double().cpu()
-        self._high += torch.bincount(keys >> 16, minlength=_BINS)
-        self._high_sums += torch.bincount(keys >> 16, weights=weights, minlength=_BINS)
+        high = (_keys(magnitudes).reshape(-1) >> 16).cpu()
+        self._high += torch.bincount(high, minlength=_BINS)
+        if self.track_sums:
+            self._high_sums += torch.bincount(high, weights=magnitudes.reshape(-1).double().cpu(), minlength=_BINS)
 
     def finish_high(self) -> None:
         self.total_sum = float(self._high_sums.sum())
@@ -73,10 +73,12 @@ class TopK:
         if self.trivial:
             return
         keys = _keys(magnitudes).reshape(-1).cpu()
-        inside = keys >> 16 == self._bin
-        low = keys[inside] & 0xFFFF
-        self._low += torch.bincount(low, minlength=_BINS)
-        self._low_sums += torch.bincount(low, weights=magnitudes.reshape(-1).double().cpu()[inside], minlength=_BINS)
+        # Values outside the bin land in an extra overflow bin: no compaction of the chunk needed.
+        low = torch.where(keys >> 16 == self._bin, keys & 0xFFFF, _BINS)
+        self._low += torch.bincount(low, minlength=_BINS + 1)[:_BINS]
+        if self.track_sums:
+            weights = magnitudes.reshape(-1).double().cpu()
+            self._low_sums += torch.bincount(low, weights=weights, minlength=_BINS + 1)[:_BINS]
 
     def finish_low(self) -> None:
         if self.trivial:
@@ -99,13 +101,18 @@ class TopK:
         if self.none:
             return torch.zeros_like(magnitudes, dtype=torch.bool)
         keys = _keys(magnitudes)
-        keep = keys > self.threshold_key
-        if self._equal_left > 0:
-            equal = (keys == self.threshold_key).reshape(-1)
-            order = equal.cumsum(0)
-            take = equal & (order <= self._equal_left)
-            self._equal_left -= int(take.sum())
-            keep |= take.reshape(keep.shape)
+        if self._equal_left <= 0:
+            return keys > self.threshold_key
+        keep = keys >= self.threshold_key
+        equal = keys == self.threshold_key
+        count = int(equal.sum())
+        if count <= self._equal_left:  # every tie in this chunk still fits
+            self._equal_left -= count
+            return keep
+        # keep only the first ties, in stream order, as the whole-tensor mask does
+        order = equal.reshape(-1).cumsum(0).reshape(equal.shape)
+        keep &= ~equal | (order <= self._equal_left)
+        self._equal_left = 0
         return keep
 
 
