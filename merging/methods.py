@@ -193,8 +193,8 @@ def sign_consensus(deltas: Tensor) -> Tensor:
 
 
 def linear(base: None, models: list[Tensor], *, weight: list[float], normalize: bool) -> Tensor:
-    result = torch.zeros_like(models[0])
-    for tensor, w in zip(models, weight):
+    result = models[0] * weight[0]
+    for tensor, w in zip(models[1:], weight[1:]):
         result.add_(tensor, alpha=w)
     if normalize:
         result.div_(sum(weight))
@@ -338,22 +338,29 @@ class Sparsify(str, Enum):
 
 def combine_deltas(base: Tensor, stacked: Tensor, weight: list[float], consensus: bool, normalize: bool,
                    scale: float) -> Tensor:
-    """Weight the stacked (pruned) task vectors, elect signs (TIES), sum, normalize by the weights, scale."""
+    """Weight the stacked (pruned) task vectors, elect signs (TIES), sum, normalize by the weights, scale.
+
+    The TIES election keeps, per entry, the deltas whose sign matches the sign of their sum (zeros
+    match neither), so the kept sum is the sum of the positive or of the negative parts.
+    """
     if not len(stacked):
         return base
-    weights = torch.tensor(weight, dtype=stacked.dtype, device=stacked.device).view(-1, *([1] * base.dim()))
-    stacked.mul_(weights)
+    weights = torch.tensor(weight, dtype=stacked.dtype, device=stacked.device)
+    stacked.mul_(weights.view(-1, *([1] * base.dim())))
     if consensus:
-        mask = sign_consensus(stacked)
-        mixed = (stacked * mask).sum(dim=0)
-        divisor = (weights * mask).sum(dim=0)
-        divisor[divisor == 0] = 1
+        positive = stacked.sum(dim=0) >= 0
+        mixed = torch.where(positive, stacked.clamp(min=0).sum(dim=0), stacked.clamp(max=0).sum(dim=0))
+        if normalize:
+            flat = stacked.reshape(len(stacked), -1)
+            agree_up = (weights @ (flat > 0).to(flat.dtype)).view(base.shape)
+            agree_down = (weights @ (flat < 0).to(flat.dtype)).view(base.shape)
+            divisor = torch.where(positive, agree_up, agree_down)
+            mixed /= torch.where(divisor == 0, 1.0, divisor)
     else:
         mixed = stacked.sum(dim=0)
-        divisor = weights.sum(dim=0)
-        divisor[divisor.abs() < 1e-8] = 1
-    if normalize:
-        mixed /= divisor
+        if normalize:
+            divisor = float(weights.sum())
+            mixed /= divisor if abs(divisor) >= 1e-8 else 1.0
     if scale != 1:
         mixed *= scale
     return base + mixed

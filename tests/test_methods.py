@@ -65,7 +65,7 @@ def test_streamed_top_k_equals_the_whole_tensor_mask(chunk, k):
 
 def test_streamed_top_k_keeps_the_largest_and_their_sum():
     values = torch.rand(5000)
-    selector = TopK(250, 5000)
+    selector = TopK(250, 5000, track_sums=True)
     selector.scan_high(values)
     selector.finish_high()
     selector.scan_low(values)
