@@ -30,7 +30,7 @@ from .sources import TOKENIZER_FILES
 log = logging.getLogger("mergeline")
 
 ProgressFn = Callable[[int, int, str], None]  # (tensors done, total, current tensor name)
-CHUNK_ELEMENTS = 1 << 20  # row chunks of 4 MB float32 per input: few calls, still cache-friendly
+CHUNK_ELEMENTS = 1 << 18  # row chunks of 1 MB float32 per input: a working set that stays in cache
 
 
 @dataclass(frozen=True)
@@ -122,20 +122,40 @@ class _Merger:
             params["seed"] = tensor_seed(self.options.seed, tensor.seed_key)
         if method.prepare is None:
             return lambda base, others, offset: method.fn(base, others, **params)
-        row_elements = (tensor.out.nbytes // tensor.out.dtype.itemsize) // max(1, tensor.out.shape[0]) \
-            if tensor.out.shape else 1
-
-        def chunks():
-            for rows in ranges:
-                base, others = self.to_compute(tensor, self.read_inputs(tensor, rows))
-                yield base, others, (rows[0] * row_elements if rows else 0)
-
         numel = tensor.out.nbytes // tensor.out.dtype.itemsize
-        return method.prepare(chunks, numel, **params)
+        return method.prepare(_TensorChunks(self, tensor, ranges), numel, **params)
 
     def close(self) -> None:
         for reader in self.readers.values():
             reader.close()
+
+
+class _TensorChunks:
+    """`methods.Chunks` for one planned tensor: re-read from the checkpoints on every pass."""
+
+    SAMPLE_ROWS = 64  # at least this many rows, else one in 64
+
+    def __init__(self, merger: _Merger, tensor: PlannedTensor, ranges: list[Optional[tuple[int, int]]]):
+        self.merger, self.tensor, self.ranges = merger, tensor, ranges
+        shape = tensor.out.shape
+        self.row_elements = (tensor.out.nbytes // tensor.out.dtype.itemsize) // max(1, shape[0]) if shape else 1
+
+    def __call__(self):
+        for rows in self.ranges:
+            base, others = self.merger.to_compute(self.tensor, self.merger.read_inputs(self.tensor, rows))
+            yield base, others, (rows[0] * self.row_elements if rows else 0)
+
+    def sample(self):
+        if self.ranges == [None]:  # one chunk: the whole tensor is the sample
+            base, others, _ = next(iter(self()))
+            return base, others
+        total = self.tensor.out.shape[0]
+        count = min(total, max(self.SAMPLE_ROWS, total // 64))
+        rows = sorted({round(i * (total - 1) / max(1, count - 1)) for i in range(count)})
+        parts = [self.merger.to_compute(self.tensor, self.merger.read_inputs(self.tensor, (r, r + 1))) for r in rows]
+        base = torch.cat([b for b, _ in parts]) if parts[0][0] is not None else None
+        others = [torch.cat([o[i] for _, o in parts]) for i in range(len(parts[0][1]))]
+        return base, others
 
 
 def execute_plan(plan: MergePlan, output_dir: Path, options: MergeOptions = MergeOptions(),

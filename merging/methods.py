@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Protocol, Sequence
 
 import math
 
@@ -35,9 +35,31 @@ import torch.nn.functional as F
 from .selection import TopK, stream_seed, uniform
 
 Tensor = torch.Tensor
-# chunks() iterates (base chunk or None, model chunks, flat offset of the chunk), as often as needed
-Chunks = Callable[[], Iterator[tuple[Optional[Tensor], list[Tensor], int]]]
 Kernel = Callable[[Optional[Tensor], list[Tensor], int], Tensor]
+
+
+class Chunks(Protocol):
+    """One tensor's inputs as `prepare` sees them, in the compute dtype on the compute device."""
+
+    def __call__(self) -> Iterator[tuple[Optional[Tensor], list[Tensor], int]]:
+        """Iterate (base chunk or None, model chunks, flat offset of the chunk); as often as needed."""
+
+    def sample(self) -> tuple[Optional[Tensor], list[Tensor]]:
+        """A few evenly spread rows of (base, models): cheap, for guesses that passes then verify."""
+
+
+@dataclass(frozen=True)
+class WholeTensor:
+    """`Chunks` over tensors already in memory: a single chunk, and the whole tensor as the sample."""
+
+    base: Optional[Tensor]
+    models: list[Tensor]
+
+    def __call__(self) -> Iterator[tuple[Optional[Tensor], list[Tensor], int]]:
+        yield self.base, self.models, 0
+
+    def sample(self) -> tuple[Optional[Tensor], list[Tensor]]:
+        return self.base, self.models
 
 REQUIRED: Any = object()
 
@@ -88,7 +110,7 @@ class MergeMethod:
         if self.prepare is None:
             return self.fn(base, models, **params)
         numel = (base if base is not None else models[0]).numel()
-        kernel = self.prepare(lambda: iter([(base, models, 0)]), numel, **params)
+        kernel = self.prepare(WholeTensor(base, models), numel, **params)
         return kernel(base, models, 0)
 
 
@@ -225,7 +247,7 @@ def prepare_slerp(chunks: Chunks, numel: int, *, t: float) -> Kernel:
 
 def slerp_pair(t: float, v0: Tensor, v1: Tensor) -> Tensor:
     """Spherical interpolation between two whole tensors."""
-    return prepare_slerp(lambda: iter([(v0, [v1], 0)]), v0.numel(), t=t)(v0, [v1], 0)
+    return prepare_slerp(WholeTensor(v0, [v1]), v0.numel(), t=t)(v0, [v1], 0)
 
 
 def _nuslerp_pair(t: float, v0: Tensor, v1: Tensor, row_wise: bool, flatten: bool, eps: float = 1e-8) -> Tensor:
@@ -336,34 +358,50 @@ class Sparsify(str, Enum):
     RANK = "della_magprune"
 
 
-def combine_deltas(base: Tensor, stacked: Tensor, weight: list[float], consensus: bool, normalize: bool,
+def combine_deltas(base: Tensor, deltas: list[Tensor], weight: list[float], consensus: bool, normalize: bool,
                    scale: float) -> Tensor:
-    """Weight the stacked (pruned) task vectors, elect signs (TIES), sum, normalize by the weights, scale.
+    """Weight the (pruned) task vectors, elect signs (TIES), sum, normalize by the weights, scale.
 
-    The TIES election keeps, per entry, the deltas whose sign matches the sign of their sum (zeros
-    match neither), so the kept sum is the sum of the positive or of the negative parts.
+    Overwrites `deltas`. The TIES election keeps, per entry, the weighted deltas whose sign
+    matches the sign of their sum (ties go to +; zeros match neither). With that sign s = +-1,
+    the kept deltas sum to (sum + s * sum of magnitudes) / 2 and their weights to
+    (sum of w * |sign| + s * sum of w * sign) / 2: arithmetic only, because boolean masks and
+    `where` cost several times more than arithmetic on CPU and this runs on every element.
     """
-    if not len(stacked):
+    if not deltas:
         return base
-    weights = torch.tensor(weight, dtype=stacked.dtype, device=stacked.device)
-    stacked.mul_(weights.view(-1, *([1] * base.dim())))
-    if consensus:
-        positive = stacked.sum(dim=0) >= 0
-        mixed = torch.where(positive, stacked.clamp(min=0).sum(dim=0), stacked.clamp(max=0).sum(dim=0))
+    if not consensus:
+        mixed = _weighted_sum(deltas, weight)
         if normalize:
-            flat = stacked.reshape(len(stacked), -1)
-            agree_up = (weights @ (flat > 0).to(flat.dtype)).view(base.shape)
-            agree_down = (weights @ (flat < 0).to(flat.dtype)).view(base.shape)
-            divisor = torch.where(positive, agree_up, agree_down)
-            mixed /= torch.where(divisor == 0, 1.0, divisor)
-    else:
-        mixed = stacked.sum(dim=0)
-        if normalize:
-            divisor = float(weights.sum())
+            divisor = sum(weight)
             mixed /= divisor if abs(divisor) >= 1e-8 else 1.0
+    else:
+        weighted = [delta.mul_(w) for delta, w in zip(deltas, weight)]
+        total = _weighted_sum(weighted)
+        magnitude = _weighted_sum([torch.abs(x) for x in weighted])
+        if normalize:
+            signs = [torch.sign(x) for x in weighted]
+            signed = _weighted_sum(signs, weight)
+            support = _weighted_sum([sign.abs_() for sign in signs], weight)
+        elected = torch.sign(total)
+        elected += 1 - elected.abs()  # sign 0 elects +
+        mixed = total.addcmul_(elected, magnitude).mul_(0.5)
+        if normalize:
+            divisor = support.addcmul_(elected, signed).mul_(0.5)
+            divisor += 1 - divisor.sign().abs()  # no agreeing weight: divide by 1, as mergekit does
+            mixed /= divisor
     if scale != 1:
         mixed *= scale
-    return base + mixed
+    return mixed.add_(base)
+
+
+def _weighted_sum(tensors: list[Tensor], weights: Optional[list[float]] = None) -> Tensor:
+    """sum(w * t) into a fresh tensor, without a zero-filled start."""
+    weights = weights or [1.0] * len(tensors)
+    result = torch.mul(tensors[0], weights[0]) if weights[0] != 1 else tensors[0].clone()
+    for tensor, w in zip(tensors[1:], weights[1:]):
+        result.add_(tensor, alpha=w)
+    return result
 
 
 def _rescale_factor(total: float, kept: float) -> float:
@@ -390,14 +428,20 @@ def task_arithmetic_family(sparsify: Optional[Sparsify], consensus: bool) -> Cal
         if sparsify is Sparsify.MAGNITUDE:
             selectors = [TopK(max(1, int(d * numel)), numel, track_sums=rescale) if p else None
                          for d, p in zip(density, pruned)]
-            active = [i for i, sel in enumerate(selectors) if sel is not None]
+            active = [selector for selector in selectors if selector is not None]
             if active:
-                for scan, finish in (("scan_high", "finish_high"), ("scan_low", "finish_low")):
-                    for base, models, _ in chunks():
-                        for i in active:
-                            getattr(selectors[i], scan)((models[i] - base).abs())
-                    for i in active:
-                        getattr(selectors[i], finish)()
+                base, models = chunks.sample()
+                for i, selector in enumerate(selectors):
+                    if selector is not None:
+                        selector.guess((models[i] - base).abs())
+            while not all(selector.done for selector in active):
+                for base, models, _ in chunks():
+                    for i, selector in enumerate(selectors):
+                        if selector is not None and not selector.done:
+                            selector.scan((models[i] - base).abs())
+                for selector in active:
+                    if not selector.done:
+                        selector.end_pass()
             if rescale:
                 factors = [_rescale_factor(sel.total_sum, sel.kept_sum) if sel else 1.0 for sel in selectors]
         elif sparsify is Sparsify.RANDOM and rescale and any(pruned):
@@ -411,13 +455,13 @@ def task_arithmetic_family(sparsify: Optional[Sparsify], consensus: bool) -> Cal
             factors = [_rescale_factor(t, k) if p else 1.0 for t, k, p in zip(totals, kept, pruned)]
 
         def kernel(base: Tensor, models: list[Tensor], offset: int) -> Tensor:
-            deltas = torch.empty((len(models), *base.shape), dtype=base.dtype, device=base.device)
+            deltas = []
             for i, model in enumerate(models):
-                delta = torch.sub(model, base, out=deltas[i])
+                delta = model - base
                 if density[i] <= 0 and sparsify in (Sparsify.MAGNITUDE, Sparsify.RANK):
                     delta.zero_()
                 elif sparsify is Sparsify.MAGNITUDE and pruned[i]:
-                    delta *= selectors[i].mask(delta.abs())
+                    delta = selectors[i].prune(delta)
                 elif sparsify is Sparsify.RANDOM and pruned[i]:
                     delta *= random_keep(seeds[i], density[i], delta, offset)
                 elif sparsify is Sparsify.OUTLIERS:
@@ -426,8 +470,7 @@ def task_arithmetic_family(sparsify: Optional[Sparsify], consensus: bool) -> Cal
                     delta = rank_prune(delta, density[i], epsilon[i], rescale, seeds[i])
                 if factors[i] != 1.0:
                     delta *= factors[i]
-                if delta.data_ptr() != deltas[i].data_ptr():
-                    deltas[i] = delta
+                deltas.append(delta)
             return combine_deltas(base, deltas, weight, consensus, normalize, scale)
 
         return kernel

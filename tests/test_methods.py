@@ -63,17 +63,53 @@ def test_streamed_top_k_equals_the_whole_tensor_mask(chunk, k):
     assert torch.equal(_streamed_mask(values, k, chunk), top_k_mask(values, k))
 
 
-def test_streamed_top_k_keeps_the_largest_and_their_sum():
+def _selected(values: torch.Tensor, k: int, chunk: int, sample=None, track_sums=False) -> tuple[TopK, torch.Tensor]:
+    flat = values.reshape(-1)
+    pieces = [flat[i:i + chunk] for i in range(0, flat.numel(), chunk)]
+    selector = TopK(k, flat.numel(), track_sums=track_sums)
+    if sample is not None:
+        selector.guess(sample)
+    while not selector.done:
+        for piece in pieces:
+            selector.scan(piece.abs())
+        selector.end_pass()
+    pruned = torch.cat([selector.prune(piece.clone()) for piece in pieces])
+    return selector, pruned.reshape(values.shape)
+
+
+def _spread_sample(values: torch.Tensor) -> torch.Tensor:
+    return values.reshape(-1)[::37]
+
+
+@pytest.mark.parametrize("chunk", [100, 4096])
+@pytest.mark.parametrize("k", [1, 500, 9_000, 19_999, 20_000])
+@pytest.mark.parametrize("kind", ["continuous", "ties", "mostly_zero"])
+def test_guessed_top_k_settles_in_one_pass_and_equals_the_whole_tensor_mask(kind, k, chunk):
+    values = torch.randn(20_000)
+    if kind == "ties":  # bf16 deltas take few distinct values
+        values = values.bfloat16().float()
+    elif kind == "mostly_zero":  # sparse fine-tunes: most deltas are exactly zero
+        values = values * (torch.rand(20_000) < 0.1)
+    selector, pruned = _selected(values, k, chunk, sample=_spread_sample(values.abs()))
+    assert torch.equal(pruned, values * top_k_mask(values.abs(), k))
+    assert selector.passes <= 1
+
+
+def test_a_poor_guess_costs_passes_never_correctness():
+    values = torch.randn(20_000)
+    misleading = values.abs().sort().values[:2000]  # only the smallest values
+    selector, pruned = _selected(values, 500, 1000, sample=misleading)
+    assert torch.equal(pruned, values * top_k_mask(values.abs(), 500))
+    assert selector.passes == 3  # the bracket missed; the radix passes settled it
+
+
+@pytest.mark.parametrize("guess", [False, True])
+def test_streamed_top_k_keeps_the_largest_and_their_sum(guess):
     values = torch.rand(5000)
-    selector = TopK(250, 5000, track_sums=True)
-    selector.scan_high(values)
-    selector.finish_high()
-    selector.scan_low(values)
-    selector.finish_low()
-    mask = selector.mask(values)
+    selector, pruned = _selected(values, 250, 5000, sample=values if guess else None, track_sums=True)
     threshold = values.sort(descending=True).values[249]
-    assert torch.equal(mask, values >= threshold)
-    assert selector.kept_sum == pytest.approx(float(values[mask].double().sum()))
+    assert torch.equal(pruned != 0, values >= threshold)
+    assert selector.kept_sum == pytest.approx(float(pruned.double().sum()))
     assert selector.total_sum == pytest.approx(float(values.double().sum()))
 
 
