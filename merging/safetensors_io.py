@@ -103,8 +103,8 @@ class TensorReader:
             shape[0] = rows[1] - rows[0]
         if nbytes == 0:
             return torch.empty(shape, dtype=header.dtype)
-        buffer = bytearray(nbytes)
-        view = memoryview(buffer)
+        buffer = torch.empty(nbytes, dtype=torch.uint8)  # unlike bytearray, not zero-filled first
+        view = memoryview(buffer.numpy())
         handle = self._file(header.file)
         done = 0
         while done < nbytes:  # os.preadv may return short reads on large requests
@@ -112,7 +112,7 @@ class TensorReader:
             if got == 0:
                 raise OSError(f"{header.file}: file ends inside tensor {name}")
             done += got
-        return torch.frombuffer(buffer, dtype=header.dtype).reshape(shape)
+        return buffer.view(header.dtype).reshape(shape)
 
     def close(self) -> None:
         for handle in self._files.values():

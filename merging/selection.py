@@ -278,13 +278,45 @@ def stream_seed(seed: int, *parts: object) -> int:
     return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
+def _int32(value: int) -> int:
+    value &= 0xFFFFFFFF
+    return value - (1 << 32) if value >= 1 << 31 else value
+
+
+# MurmurHash3's 32-bit finalizer constants, as signed int32 (torch has no uint32 arithmetic).
+_MIX1, _MIX2 = _int32(0x85EBCA6B), _int32(0xC2B2AE35)
+
+
+_POSITIONS: dict[torch.device, Tensor] = {}
+
+
+def _block_uniform(block_seed: int, first: int, last: int, device: torch.device) -> Tensor:
+    """Uniform [0, 1) draws for positions [first, last) of one block: a hash of the position.
+
+    A counter-based hash instead of `torch.rand`: CPU generators are serial and cost several
+    times more per draw, and any slice of a block can be drawn without drawing the rest.
+    Integer arithmetic wraps identically on every device, so CPU and CUDA draw the same values.
+    """
+    positions = _POSITIONS.get(device)
+    if positions is None:
+        positions = _POSITIONS[device] = torch.arange(RNG_BLOCK, dtype=torch.int32, device=device)
+    z = positions[first:last] * (_int32(block_seed) | 1)  # a seeded odd multiplier and offset
+    z += _int32(block_seed >> 32)
+    # MurmurHash3's finalizer with arithmetic shifts (torch has no unsigned int32): each
+    # xor-shift clears bit 31, so the draw takes bits 7-30.
+    z ^= z >> 16
+    z *= _MIX1
+    z ^= z >> 13
+    z *= _MIX2
+    z ^= z >> 16
+    return ((z >> 7) & 0xFFFFFF).to(torch.float32).mul_(1.0 / (1 << 24))
+
+
 def uniform(seed: int, start: int, end: int, device: torch.device) -> Tensor:
     """Uniform [0, 1) draws for flat positions [start, end) of the stream `seed`, however split."""
     parts = []
     for block in range(start // RNG_BLOCK, (end - 1) // RNG_BLOCK + 1):
-        generator = torch.Generator(device=device)
-        generator.manual_seed(stream_seed(seed, block))
-        values = torch.rand(RNG_BLOCK, generator=generator, device=device)
         origin = block * RNG_BLOCK
-        parts.append(values[max(start, origin) - origin:min(end, origin + RNG_BLOCK) - origin])
+        parts.append(_block_uniform(stream_seed(seed, block), max(start, origin) - origin,
+                                    min(end, origin + RNG_BLOCK) - origin, device))
     return parts[0] if len(parts) == 1 else torch.cat(parts)
