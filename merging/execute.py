@@ -31,6 +31,9 @@ log = logging.getLogger("mergeline")
 
 ProgressFn = Callable[[int, int, str], None]  # (tensors done, total, current tensor name)
 CHUNK_ELEMENTS = 1 << 18  # row chunks of 1 MB float32 per input: a working set that stays in cache
+# Methods with whole-tensor passes keep a tensor's inputs (as stored) between passes when they
+# take at most this much, so each byte is read once; larger tensors are read again instead.
+KEEP_INPUT_BYTES = 1 << 29
 
 
 @dataclass(frozen=True)
@@ -82,6 +85,7 @@ class _Merger:
         self.options = options
         self.device = resolve_device(options.device)
         self.readers = {}
+        self.kept: dict[tuple[str, Optional[tuple[int, int]]], list[torch.Tensor]] = {}
 
     def reader(self, model: int):
         if model not in self.readers:
@@ -89,6 +93,9 @@ class _Merger:
         return self.readers[model]
 
     def read_inputs(self, tensor: PlannedTensor, rows: Optional[tuple[int, int]] = None) -> list[torch.Tensor]:
+        kept = self.kept.pop((tensor.name, rows), None)
+        if kept is not None:
+            return kept
         return [self.reader(model).read(name, rows) for model, name in tensor.inputs]
 
     def row_ranges(self, tensor: PlannedTensor) -> list[Optional[tuple[int, int]]]:
@@ -141,8 +148,13 @@ class _TensorChunks:
         self.row_elements = (tensor.out.nbytes // tensor.out.dtype.itemsize) // max(1, shape[0]) if shape else 1
 
     def __call__(self):
-        for rows in self.ranges:
-            base, others = self.merger.to_compute(self.tensor, self.merger.read_inputs(self.tensor, rows))
+        # The first chunk is already in the merge loop's hands; later ones wait in `kept`.
+        keep = self.merger.plan.input_bytes(self.tensor) <= KEEP_INPUT_BYTES
+        for index, rows in enumerate(self.ranges):
+            inputs = self.merger.read_inputs(self.tensor, rows)
+            if keep and index:
+                self.merger.kept[(self.tensor.name, rows)] = inputs
+            base, others = self.merger.to_compute(self.tensor, inputs)
             yield base, others, (rows[0] * self.row_elements if rows else 0)
 
     def sample(self):
@@ -198,14 +210,15 @@ def _write_weights(plan: MergePlan, merger: _Merger, staging: Path, options: Mer
     try:
         for index, (tensor, rows) in enumerate(work):
             inputs = pending.result() if pending else load(index)
-            pending = pool.submit(load, index + 1) if pool and index + 1 < len(work) else None
             first = rows is None or rows[0] == 0
             last = rows is None or rows[1] == tensor.out.shape[0]
-            if not all(t.is_floating_point() for t in inputs):
+            floating = all(t.is_floating_point() for t in inputs)
+            if floating and first:  # before the next read: whole-tensor passes may keep its inputs
+                kernel = merger.kernel(tensor, merger.row_ranges(tensor))
+            pending = pool.submit(load, index + 1) if pool and index + 1 < len(work) else None
+            if not floating:
                 merged = inputs[0]  # integer buffers are copied from the first input, as mergekit does
             else:
-                if first:
-                    kernel = merger.kernel(tensor, merger.row_ranges(tensor))
                 base, others = merger.to_compute(tensor, inputs)
                 offset = rows[0] * (tensor.out.nbytes // tensor.out.dtype.itemsize // tensor.out.shape[0]) if rows else 0
                 result = kernel(base, others, offset)

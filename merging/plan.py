@@ -106,12 +106,16 @@ class MergePlan:
                 total += sum(source.file_sizes.get(f, 0) for f in files)
         return total
 
+    def input_bytes(self, tensor: PlannedTensor) -> int:
+        """Bytes of `tensor`'s inputs, as stored."""
+        return sum(self.models[m].tensors[n].nbytes for m, n in tensor.inputs)
+
     def peak_memory_estimate(self, compute_itemsize: int = 4) -> int:
         """Bytes the merge holds at once: the largest tensor's inputs, their compute copies and scratch."""
         worst = 0
         for tensor in self.tensors:
             numel = tensor.out.nbytes // tensor.out.dtype.itemsize
-            read = sum(self.models[m].tensors[n].nbytes for m, n in tensor.inputs)
+            read = self.input_bytes(tensor)
             scratch = numel * compute_itemsize * (2 * len(tensor.inputs) + 2)
             worst = max(worst, 2 * read + scratch + tensor.out.nbytes)  # the next tensor is read ahead
         return worst + 400 * 2**20  # the Python process, torch and the write buffers
