@@ -100,11 +100,10 @@ class _Merger:
 
     def row_ranges(self, tensor: PlannedTensor) -> list[Optional[tuple[int, int]]]:
         shape = tensor.out.shape
-        numel = tensor.out.nbytes // tensor.out.dtype.itemsize
-        if (not self.plan.method.chunkable or tensor.rows is not None or not shape or numel <= CHUNK_ELEMENTS
-                or not tensor.out.dtype.is_floating_point):
+        if (not self.plan.method.chunkable or tensor.rows is not None or not shape
+                or tensor.out.numel <= CHUNK_ELEMENTS or not tensor.out.dtype.is_floating_point):
             return [None]
-        step = max(1, CHUNK_ELEMENTS // (numel // shape[0]))
+        step = max(1, CHUNK_ELEMENTS // tensor.out.row_elements)
         return [(start, min(start + step, shape[0])) for start in range(0, shape[0], step)]
 
     def to_compute(self, tensor: PlannedTensor, inputs: list[torch.Tensor]):
@@ -129,8 +128,7 @@ class _Merger:
             params["seed"] = tensor_seed(self.options.seed, tensor.seed_key)
         if method.prepare is None:
             return lambda base, others, offset: method.fn(base, others, **params)
-        numel = tensor.out.nbytes // tensor.out.dtype.itemsize
-        return method.prepare(_TensorChunks(self, tensor, ranges), numel, **params)
+        return method.prepare(_TensorChunks(self, tensor, ranges), tensor.out.numel, **params)
 
     def close(self) -> None:
         for reader in self.readers.values():
@@ -144,8 +142,6 @@ class _TensorChunks:
 
     def __init__(self, merger: _Merger, tensor: PlannedTensor, ranges: list[Optional[tuple[int, int]]]):
         self.merger, self.tensor, self.ranges = merger, tensor, ranges
-        shape = tensor.out.shape
-        self.row_elements = (tensor.out.nbytes // tensor.out.dtype.itemsize) // max(1, shape[0]) if shape else 1
 
     def __call__(self):
         # The first chunk is already in the merge loop's hands; later ones wait in `kept`.
@@ -155,7 +151,7 @@ class _TensorChunks:
             if keep and index:
                 self.merger.kept[(self.tensor.name, rows)] = inputs
             base, others = self.merger.to_compute(self.tensor, inputs)
-            yield base, others, (rows[0] * self.row_elements if rows else 0)
+            yield base, others, _flat_offset(self.tensor, rows)
 
     def sample(self):
         if self.ranges == [None]:  # one chunk: the whole tensor is the sample
@@ -168,6 +164,11 @@ class _TensorChunks:
         base = torch.cat([b for b, _ in parts]) if parts[0][0] is not None else None
         others = [torch.cat([o[i] for _, o in parts]) for i in range(len(parts[0][1]))]
         return base, others
+
+
+def _flat_offset(tensor: PlannedTensor, rows: Optional[tuple[int, int]]) -> int:
+    """Position of a row chunk's first element in the flattened tensor."""
+    return rows[0] * tensor.out.row_elements if rows else 0
 
 
 def execute_plan(plan: MergePlan, output_dir: Path, options: MergeOptions = MergeOptions(),
@@ -220,8 +221,7 @@ def _write_weights(plan: MergePlan, merger: _Merger, staging: Path, options: Mer
                 merged = inputs[0]  # integer buffers are copied from the first input, as mergekit does
             else:
                 base, others = merger.to_compute(tensor, inputs)
-                offset = rows[0] * (tensor.out.nbytes // tensor.out.dtype.itemsize // tensor.out.shape[0]) if rows else 0
-                result = kernel(base, others, offset)
+                result = kernel(base, others, _flat_offset(tensor, rows))
                 _check_finite(tensor, result)
                 merged = result.to("cpu", tensor.out.dtype)
                 del base, others, result

@@ -87,7 +87,7 @@ class MergePlan:
 
     @property
     def parameter_count(self) -> int:
-        return sum(t.out.nbytes // t.out.dtype.itemsize for t in self.tensors)
+        return sum(t.out.numel for t in self.tensors)
 
     def needed_files(self) -> dict[int, set[str]]:
         """Per input model, the weight files holding tensors the merge reads."""
@@ -114,7 +114,7 @@ class MergePlan:
         """Bytes the merge holds at once: the largest tensor's inputs, their compute copies and scratch."""
         worst = 0
         for tensor in self.tensors:
-            numel = tensor.out.nbytes // tensor.out.dtype.itemsize
+            numel = tensor.out.numel
             read = self.input_bytes(tensor)
             scratch = numel * compute_itemsize * (2 * len(tensor.inputs) + 2)
             worst = max(worst, 2 * read + scratch + tensor.out.nbytes)  # the next tensor is read ahead

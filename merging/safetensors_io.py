@@ -12,6 +12,7 @@ as it is produced. Nothing waits in a shard buffer; a shard is never copied agai
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from dataclasses import dataclass
@@ -127,11 +128,17 @@ class OutputTensor:
     shape: tuple[int, ...]
 
     @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
     def nbytes(self) -> int:
-        n = self.dtype.itemsize
-        for d in self.shape:
-            n *= d
-        return n
+        return self.numel * self.dtype.itemsize
+
+    @property
+    def row_elements(self) -> int:
+        """Elements per index of the first dimension (1 for a scalar)."""
+        return self.numel // self.shape[0] if self.shape and self.shape[0] else 1
 
 
 def shard_layout(tensors: Sequence[OutputTensor], max_shard_bytes: int) -> list[list[OutputTensor]]:
@@ -191,7 +198,7 @@ class ShardedWriter:
             raise TypeError(f"{name}: planned as {spec.dtype}, got {tensor.dtype}")
         data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
         if row_offset:
-            start += row_offset * (spec.nbytes // spec.shape[0])
+            start += row_offset * spec.row_elements * spec.dtype.itemsize
         os.pwrite(self._handles[index].fileno(), memoryview(data), start)
         if not spec.shape or row_offset + tensor.shape[0] == spec.shape[0]:  # the last rows landed
             self._written.add(name)
