@@ -25,27 +25,34 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Callable, Iterator, Optional, Protocol, Sequence
+from typing import Any, Callable, Iterator, Optional, Protocol, Sequence, TypeVar
 
 import math
 
 import torch
 import torch.nn.functional as F
 
-from .selection import TopK, stream_seed, uniform
+from .selection import TopK, bernoulli, stream_seed, uniform
 
 Tensor = torch.Tensor
 Kernel = Callable[[Optional[Tensor], list[Tensor], int], Tensor]
+R = TypeVar("R")
 
 
 class Chunks(Protocol):
     """One tensor's inputs as `prepare` sees them, in the compute dtype on the compute device."""
 
-    def __call__(self) -> Iterator[tuple[Optional[Tensor], list[Tensor], int]]:
-        """Iterate (base chunk or None, model chunks, flat offset of the chunk); as often as needed."""
+    def map(self, fn: Callable[[Optional[Tensor], list[Tensor], int], R]) -> Iterator[R]:
+        """fn(base chunk or None, model chunks, flat offset of the chunk) for every chunk; the
+        results come in stream order. The engine may call `fn` on several chunks at once, from
+        several threads: it must only read shared state. Callable as often as needed."""
 
     def sample(self) -> tuple[Optional[Tensor], list[Tensor]]:
         """A few evenly spread rows of (base, models): cheap, for guesses that passes then verify."""
+
+    @property
+    def device(self) -> torch.device:
+        """Where the chunks are."""
 
 
 @dataclass(frozen=True)
@@ -55,11 +62,15 @@ class WholeTensor:
     base: Optional[Tensor]
     models: list[Tensor]
 
-    def __call__(self) -> Iterator[tuple[Optional[Tensor], list[Tensor], int]]:
-        yield self.base, self.models, 0
+    def map(self, fn: Callable[[Optional[Tensor], list[Tensor], int], R]) -> Iterator[R]:
+        yield fn(self.base, self.models, 0)
 
     def sample(self) -> tuple[Optional[Tensor], list[Tensor]]:
         return self.base, self.models
+
+    @property
+    def device(self) -> torch.device:
+        return self.models[0].device
 
 REQUIRED: Any = object()
 
@@ -166,8 +177,21 @@ def top_k_mask(values: Tensor, k: int) -> Tensor:
 
 def random_keep(seed: int, density: float, like: Tensor, offset: int = 0) -> Tensor:
     """Keep each entry with probability `density` (DARE); reproducible per flat position."""
-    draws = uniform(seed, offset, offset + like.numel(), like.device)
-    return (draws < density).reshape(like.shape)
+    return bernoulli(seed, density, offset, offset + like.numel(), like.device).reshape(like.shape)
+
+
+def row_sums(values: Tensor) -> list[float]:
+    """Sums of the first dimension's rows: a chunk's partial sums that do not depend on the chunking.
+
+    Python floats, not a tensor: small tensors kept across a pass would pin the heap pages that
+    the chunks' large temporaries are freed into.
+    """
+    return (values.reshape(values.shape[0], -1).sum(dim=1) if values.dim() else values.reshape(1)).tolist()
+
+
+def exact_total(parts: Iterator[list[float]]) -> float:
+    """The correctly rounded sum of partial sums, whatever their order or grouping."""
+    return math.fsum(value for part in parts for value in part)
 
 
 def outlier_prune(delta: Tensor, density: float, gamma: float, rescale: bool) -> Tensor:
@@ -236,13 +260,15 @@ def _slerp_coefficients(t: float, sq0: float, sq1: float, dot: float, dot_thresh
 
 
 def prepare_slerp(chunks: Chunks, numel: int, *, t: float) -> Kernel:
+    def dots(base: Tensor, models: list[Tensor], offset: int) -> tuple[float, float, float]:
+        v0, v1 = base.reshape(-1), models[0].reshape(-1)
+        return float(torch.dot(v0, v0)), float(torch.dot(v1, v1)), float(torch.dot(v0, v1))
+
     sq0 = sq1 = dot = 0.0
-    for base, (other,), _ in chunks():
-        sq0 += float(torch.dot(base.reshape(-1), base.reshape(-1)))
-        sq1 += float(torch.dot(other.reshape(-1), other.reshape(-1)))
-        dot += float(torch.dot(base.reshape(-1), other.reshape(-1)))
+    for a, b, c in chunks.map(dots):
+        sq0, sq1, dot = sq0 + a, sq1 + b, dot + c
     a, b = _slerp_coefficients(t, sq0, sq1, dot)
-    return lambda base, models, offset: base * a + models[0] * b
+    return lambda base, models, offset: torch.mul(base, a).add_(models[0], alpha=b)
 
 
 def slerp_pair(t: float, v0: Tensor, v1: Tensor) -> Tensor:
@@ -408,6 +434,11 @@ def _rescale_factor(total: float, kept: float) -> float:
     return total / kept if total >= 1e-7 and kept >= 1e-7 else 1.0
 
 
+# DARE masks drawn for the rescale sums are kept for the merge pass when they take at most this
+# much (one byte per entry and pruned model); larger tensors draw them again.
+KEEP_MASK_BYTES = 1 << 29
+
+
 def task_arithmetic_family(sparsify: Optional[Sparsify], consensus: bool) -> Callable[..., Kernel]:
     """Task-vector merges: prune each delta, weight it, elect signs, sum, normalize, scale.
 
@@ -424,35 +455,47 @@ def task_arithmetic_family(sparsify: Optional[Sparsify], consensus: bool) -> Cal
         count = len(weight)
         seeds = [stream_seed(seed, "model", i) for i in range(count)]
         factors = [1.0] * count
-        pruned = [0 < d < 1 for d in density]
-        if sparsify is Sparsify.MAGNITUDE:
-            selectors = [TopK(max(1, int(d * numel)), numel, track_sums=rescale) if p else None
-                         for d, p in zip(density, pruned)]
-            active = [selector for selector in selectors if selector is not None]
-            if active:
-                base, models = chunks.sample()
-                for i, selector in enumerate(selectors):
-                    if selector is not None:
-                        selector.guess((models[i] - base).abs())
-            while not all(selector.done for selector in active):
-                for base, models, _ in chunks():
-                    for i, selector in enumerate(selectors):
-                        if selector is not None and not selector.done:
-                            selector.scan((models[i] - base).abs())
-                for selector in active:
-                    if not selector.done:
-                        selector.end_pass()
+        pruned = [i for i, d in enumerate(density) if 0 < d < 1]
+        selectors: list[Optional[TopK]] = [None] * count
+        drawn: Optional[Tensor] = None  # DARE masks of the whole tensor, when drawn for the rescale sums
+
+        if sparsify is Sparsify.MAGNITUDE and pruned:
+            for i in pruned:
+                selectors[i] = TopK(max(1, int(density[i] * numel)), numel, track_sums=rescale)
+            base, models = chunks.sample()
+            for i in pruned:
+                selectors[i].guess((models[i] - base).abs())
+            while True:
+                active = [i for i in pruned if not selectors[i].done]
+                if not active:
+                    break
+                for parts in chunks.map(lambda base, models, offset: [
+                        selectors[i].scan((models[i] - base).abs_(), offset) for i in active]):
+                    for i, part in zip(active, parts):
+                        selectors[i].fold(part)
+                for i in active:
+                    selectors[i].end_pass()
             if rescale:
-                factors = [_rescale_factor(sel.total_sum, sel.kept_sum) if sel else 1.0 for sel in selectors]
-        elif sparsify is Sparsify.RANDOM and rescale and any(pruned):
-            totals, kept = [0.0] * count, [0.0] * count
-            for base, models, offset in chunks():
-                for i in (i for i in range(count) if pruned[i]):
-                    magnitude = (models[i] - base).abs()
-                    totals[i] += float(magnitude.sum(dtype=torch.float64))
+                factors = [_rescale_factor(s.total_sum, s.kept_sum) if s else 1.0 for s in selectors]
+        elif sparsify is Sparsify.RANDOM and rescale and pruned:
+            # One buffer for the whole tensor's masks: chunk-sized ones kept until the merge pass
+            # would pin the heap pages around them.
+            drawn = torch.empty((len(pruned), numel), dtype=torch.bool, device=chunks.device) \
+                if numel * len(pruned) <= KEEP_MASK_BYTES else None
+
+            def l1_sums(base: Tensor, models: list[Tensor], offset: int) -> list[tuple[list[float], list[float]]]:
+                sums = []
+                for j, i in enumerate(pruned):
+                    magnitude = (models[i] - base).abs_()
                     keep = random_keep(seeds[i], density[i], magnitude, offset)
-                    kept[i] += float((magnitude * keep).sum(dtype=torch.float64))
-            factors = [_rescale_factor(t, k) if p else 1.0 for t, k, p in zip(totals, kept, pruned)]
+                    if drawn is not None:
+                        drawn[j, offset:offset + keep.numel()] = keep.reshape(-1)
+                    sums.append((row_sums(magnitude), row_sums(magnitude.mul_(keep))))
+                return sums
+
+            totals = list(zip(*chunks.map(l1_sums)))  # per pruned model: (total, kept) row sums by chunk
+            for i, model_sums in zip(pruned, totals):
+                factors[i] = _rescale_factor(exact_total(t for t, _ in model_sums), exact_total(k for _, k in model_sums))
 
         def kernel(base: Tensor, models: list[Tensor], offset: int) -> Tensor:
             deltas = []
@@ -460,10 +503,13 @@ def task_arithmetic_family(sparsify: Optional[Sparsify], consensus: bool) -> Cal
                 delta = model - base
                 if density[i] <= 0 and sparsify in (Sparsify.MAGNITUDE, Sparsify.RANK):
                     delta.zero_()
-                elif sparsify is Sparsify.MAGNITUDE and pruned[i]:
-                    delta = selectors[i].prune(delta)
-                elif sparsify is Sparsify.RANDOM and pruned[i]:
-                    delta *= random_keep(seeds[i], density[i], delta, offset)
+                elif sparsify is Sparsify.MAGNITUDE and selectors[i] is not None:
+                    delta = selectors[i].prune(delta, offset)
+                elif sparsify is Sparsify.RANDOM and 0 < density[i] < 1:
+                    if drawn is not None:
+                        delta *= drawn[pruned.index(i), offset:offset + delta.numel()].view(delta.shape)
+                    else:
+                        delta *= random_keep(seeds[i], density[i], delta, offset)
                 elif sparsify is Sparsify.OUTLIERS:
                     delta = outlier_prune(delta, density[i], gamma[i], rescale)
                 elif sparsify is Sparsify.RANK:

@@ -65,6 +65,7 @@ class PlannedTensor:
     params: dict[str, Any]  # resolved: shared values, per-model lists aligned with the non-base inputs
     seed_key: str  # what randomized methods derive their generator from
     rows: Optional[int] = None  # vocabulary rows the inputs are aligned to, when they differ
+    floating: bool = True  # False: an integer buffer, copied from the first input instead of merged
 
 
 @dataclass
@@ -229,7 +230,8 @@ def build_plan(config: MergeConfig, sources: dict[ModelRef, ModelSource]) -> Mer
             raise MergeError(f"{slice_.where}: output tensor {out_name} is produced twice")
         seen_names.add(out_name)
         tensors.append(PlannedTensor(out_name, OutputTensor(out_name, out_dtype, shape),
-                                     tuple((m, n) for m, n, _ in inputs), base_pos, params, out_name, rows))
+                                     tuple((m, n) for m, n, _ in inputs), base_pos, params, out_name, rows,
+                                     floating))
 
     first, last = slices[0], slices[-1]
     ref_layout = layouts[first.sources[0][0]]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -27,6 +28,7 @@ Tensor = torch.Tensor
 _BINS = 1 << 16
 RNG_BLOCK = 1 << 18
 GUESS_SAMPLE = 1 << 16  # sample values used to place the bracket
+_INSIDE_LIMIT = 1 << 22  # values inside the bracket worth collecting (more for large tensors)
 # Bracket half-width in sample ranks: four standard deviations of a sampled quantile plus 1% of
 # the sample, for samples of rows that are not independent draws.
 _SPREAD_SIGMAS, _SPREAD_SHARE = 4.0, 0.01
@@ -41,13 +43,29 @@ def _float(key: int) -> float:
     return torch.tensor([key], dtype=torch.int32).view(torch.float32).item()
 
 
+@dataclass
+class Part:
+    """What one chunk's scan found, for `TopK.fold`."""
+
+    offset: int  # flat position of the chunk's first value
+    above: int = 0  # values above the bracket
+    at_least: int = 0  # values at or above the bracket's lower end (when it is a single value)
+    inside: Optional[Tensor] = None  # values inside the bracket; None when there were too many
+    total_sum: float = 0.0
+    above_sum: float = 0.0
+    counts: Optional[Tensor] = None  # radix histogram
+    sums: Optional[Tensor] = None  # radix histogram of the values' sums
+    equal: int = 0  # values equal to the threshold
+
+
 class TopK:
     """The k largest of a stream of non-negative values: the exact threshold, and a chunked mask.
 
-    Optionally `guess` from a sample; then, until `done`, `scan` every chunk in stream order and
-    call `end_pass`. Afterwards `mask` or `prune` each chunk in order: they keep the values above
-    the threshold plus the first values equal to it (in stream order) until exactly k are kept,
-    as `methods.top_k_mask` does on a whole tensor.
+    Optionally `guess` from a sample; then, until `done`, `scan` every chunk (in any order, on any
+    thread: a scan only reads the selector), `fold` the parts in stream order, and `end_pass`.
+    Afterwards `mask` or `prune` chunks in any order: they keep the values above the threshold
+    plus the first values equal to it (in stream order) until exactly k are kept, as
+    `methods.top_k_mask` does on a whole tensor.
     """
 
     def __init__(self, k: int, numel: int, track_sums: bool = False):
@@ -56,13 +74,21 @@ class TopK:
         self.none = k <= 0
         self.stage = "done" if self.trivial else "high"
         self.passes = 0
-        self._high = self._high_sums = self._low = self._low_sums = None
+        self._lo = self._hi = 0.0
         self._bin: Optional[int] = None
+        self._above = 0
+        self._above_sum = 0.0
         self.threshold_key: Optional[int] = None
         self.equal_to_keep = 0
-        self._equal_left = 0
+        # Ties at the threshold: chunks before offset `_tie_cut` keep all of theirs, the chunk at it
+        # keeps its first `_ties_at_cut`, later chunks none.
+        self._tie_cut: float = math.inf
+        self._ties_at_cut = 0
         self.kept_sum = 0.0  # sum of the kept values (for L1 rescaling)
         self.total_sum = 0.0
+        self._parts: list[Part] = []
+        self._counts: Optional[Tensor] = None  # radix histogram of the current pass
+        self._sums: Optional[Tensor] = None
 
     @property
     def trivial(self) -> bool:
@@ -93,163 +119,180 @@ class TopK:
         # A bracket end beyond the sample is open: the stream may hold values the sample missed.
         self._lo = flat.kthvalue(low_rank).values.item() if low_rank >= 1 else 0.0
         self._hi = flat.kthvalue(high_rank).values.item() if high_rank <= size else math.inf
-        self._above = 0
-        self._at_least = 0
-        self._above_sum = 0.0
-        self._inside: Optional[list[Tensor]] = []
-        self._inside_count = 0
-        self._inside_limit = max(1 << 22, self.numel // 8)  # past this, the radix passes are cheaper
         self.stage = "bracket"
 
-    def scan(self, magnitudes: Tensor) -> None:
+    def scan(self, magnitudes: Tensor, offset: int = 0) -> Part:
+        """The part of the current pass for one chunk, which starts at flat position `offset`."""
         magnitudes = magnitudes.float().reshape(-1)
         if self.stage == "bracket":
-            self._scan_bracket(magnitudes)
-        elif self.stage == "high":
-            self.scan_high(magnitudes)
-        elif self.stage == "low":
-            self.scan_low(magnitudes)
+            return self._scan_bracket(magnitudes, offset)
+        if self.stage == "high":
+            return self._scan_high(magnitudes, offset)
+        if self.stage == "low":
+            return self._scan_low(magnitudes, offset)
+        if self.stage == "ties":
+            return Part(offset, equal=int(torch.count_nonzero(_keys(magnitudes) == self.threshold_key)))
+        raise RuntimeError("TopK.scan after the threshold was found")
+
+    def fold(self, part: Part) -> None:
+        """Take one chunk's part of the current pass; parts must come in stream order."""
+        self._parts.append(part) if self.stage in ("bracket", "ties") else self._add_histogram(part)
 
     def end_pass(self) -> None:
+        """Settle what the folded parts tell and move to the next stage."""
         self.passes += 1
+        parts, self._parts = self._parts, []
         if self.stage == "bracket":
-            self.stage = "done" if self._settle_bracket() else "high"
+            self.stage = "done" if self._settle_bracket(parts) else "high"
         elif self.stage == "high":
-            self.finish_high()
+            self._finish_high()
             self.stage = "low"
         elif self.stage == "low":
-            self.finish_low()
+            self.stage = "done" if self._finish_low() else "ties"
+        elif self.stage == "ties":
+            self._cut_ties([(part.offset, part.equal) for part in parts])
             self.stage = "done"
+
+    def _add_histogram(self, part: Part) -> None:
+        if self._counts is None:
+            self._counts = torch.zeros(_BINS, dtype=torch.int64)
+            self._sums = torch.zeros(_BINS, dtype=torch.float64)
+        self._counts += part.counts
+        if self.track_sums:
+            self._sums += part.sums
 
     # -- one pass with a bracket --------------------------------------------------------------
 
-    def _scan_bracket(self, magnitudes: Tensor) -> None:
+    def _scan_bracket(self, magnitudes: Tensor, offset: int) -> Part:
         above = magnitudes > self._hi
-        self._above += int(torch.count_nonzero(above))
+        part = Part(offset, above=int(torch.count_nonzero(above)))
         if self.track_sums:
-            self.total_sum += float(magnitudes.sum(dtype=torch.float64))
-            self._above_sum += float(F.threshold(magnitudes, self._hi, 0.0).sum(dtype=torch.float64))
+            part.total_sum = float(magnitudes.sum(dtype=torch.float64))
+            part.above_sum = float(F.threshold(magnitudes, self._hi, 0.0).sum(dtype=torch.float64))
         if self._lo == self._hi:  # everything inside equals the bound: counting is enough
-            self._at_least += int(torch.count_nonzero(magnitudes >= self._lo))
-            return
-        if self._inside is None:
-            return
+            part.at_least = int(torch.count_nonzero(magnitudes >= self._lo))
+            return part
         inside = magnitudes[(magnitudes >= self._lo).logical_and_(~above)]
-        self._inside_count += inside.numel()
-        if self._inside_count > self._inside_limit:
-            self._inside = None  # the guess was poor: give up collecting, the radix passes follow
-        else:
-            self._inside.append(inside.cpu())
+        # Past this share the guess was poor: collecting costs more than the radix passes.
+        limit = max(magnitudes.numel() // 8, math.ceil(_INSIDE_LIMIT * magnitudes.numel() / self.numel))
+        part.inside = inside.cpu() if inside.numel() <= limit else None
+        return part
 
-    def _settle_bracket(self) -> bool:
-        needed = self.k - self._above
+    def _settle_bracket(self, parts: list[Part]) -> bool:
+        above = sum(part.above for part in parts)
+        needed = self.k - above
+        self.total_sum = math.fsum(part.total_sum for part in parts)
+        above_sum = math.fsum(part.above_sum for part in parts)
         if self._lo == self._hi:
-            if not 0 < needed <= self._at_least - self._above:
+            equal = [(part.offset, part.at_least - part.above) for part in parts]
+            if not 0 < needed <= sum(count for _, count in equal):
                 return False
             self.threshold_key = int(_keys(torch.tensor([self._lo])).item())
             self.equal_to_keep = needed
-            self.kept_sum = self._above_sum + needed * self._lo
+            self.kept_sum = above_sum + needed * self._lo
+            self._cut_ties(equal)
+            return True
+        if any(part.inside is None for part in parts):
+            return False
+        inside = torch.cat([part.inside for part in parts])
+        if not 0 < needed <= inside.numel():
+            return False
+        if needed == inside.numel():  # all of them: the threshold is the smallest
+            smallest = inside.min()
+            self.threshold_key = int(_keys(smallest.reshape(1)).item())
+            self.equal_to_keep = int(torch.count_nonzero(inside == smallest))
+            self.kept_sum = above_sum + float(inside.sum(dtype=torch.float64))
         else:
-            if self._inside is None or not 0 < needed <= self._inside_count:
-                self._inside = None
-                return False
-            inside = torch.cat(self._inside)
-            self._inside = None
-            if needed == inside.numel():  # all of them: the threshold is the smallest
-                smallest = inside.min()
-                self.threshold_key = int(_keys(smallest.reshape(1)).item())
-                self.equal_to_keep = int(torch.count_nonzero(inside == smallest))
-                self.kept_sum = self._above_sum + float(inside.sum(dtype=torch.float64))
-            else:
-                among = TopK(needed, inside.numel(), track_sums=self.track_sums)
-                while not among.done:  # radix passes over the few values inside the bracket
-                    among.scan(inside)
-                    among.end_pass()
-                self.threshold_key, self.equal_to_keep = among.threshold_key, among.equal_to_keep
-                self.kept_sum = self._above_sum + among.kept_sum
-        self._ready()
+            among = TopK(needed, inside.numel(), track_sums=self.track_sums)
+            while not among.done:  # radix passes over the few values inside the bracket
+                among.fold(among.scan(inside))
+                among.end_pass()
+            self.threshold_key, self.equal_to_keep = among.threshold_key, among.equal_to_keep
+            self.kept_sum = above_sum + among.kept_sum
+        threshold = self.threshold
+        self._cut_ties([(part.offset, int(torch.count_nonzero(part.inside == threshold))) for part in parts])
         return True
 
-    def _ready(self) -> None:
-        self._equal_left = self.equal_to_keep
+    def _cut_ties(self, equal: list[tuple[int, int]]) -> None:
+        """Place the cut in the ties at the threshold from each chunk's count of them, in stream order."""
+        left = self.equal_to_keep
+        for offset, count in equal:
+            if count > left:
+                self._tie_cut, self._ties_at_cut = offset, left
+                break
+            left -= count
         self._just_below = _float(self.threshold_key - 1) if self.threshold_key > 0 else 0.0
 
     # -- radix selection ----------------------------------------------------------------------
 
-    def scan_high(self, magnitudes: Tensor) -> None:
-        if self._high is None:
-            self._high = torch.zeros(_BINS, dtype=torch.int64)
-            self._high_sums = torch.zeros(_BINS, dtype=torch.float64)
-        high = (_keys(magnitudes).reshape(-1) >> 16).cpu()
-        self._high += torch.bincount(high, minlength=_BINS)
+    def _scan_high(self, magnitudes: Tensor, offset: int) -> Part:
+        high = (_keys(magnitudes) >> 16).cpu()
+        part = Part(offset, counts=torch.bincount(high, minlength=_BINS))
         if self.track_sums:
-            self._high_sums += torch.bincount(high, weights=magnitudes.reshape(-1).double().cpu(), minlength=_BINS)
+            part.sums = torch.bincount(high, weights=magnitudes.double().cpu(), minlength=_BINS)
+        return part
 
-    def finish_high(self) -> None:
-        self.total_sum = float(self._high_sums.sum())
-        if self.trivial:
-            self.kept_sum = self.total_sum if self.all else 0.0
-            return
-        from_top = torch.flip(self._high, [0]).cumsum(0)
+    def _finish_high(self) -> None:
+        counts, sums, self._counts, self._sums = self._counts, self._sums, None, None
+        self.total_sum = float(sums.sum())
+        from_top = torch.flip(counts, [0]).cumsum(0)
         index = int(torch.searchsorted(from_top, self.k))  # first bin (from the top) reaching k
         self._bin = _BINS - 1 - index
         self._above = int(from_top[index - 1]) if index else 0
-        self._above_sum = float(self._high_sums[self._bin + 1:].sum())
+        self._above_sum = float(sums[self._bin + 1:].sum())
 
-    def scan_low(self, magnitudes: Tensor) -> None:
-        if self.trivial:
-            return
-        if self._low is None:
-            self._low = torch.zeros(_BINS, dtype=torch.int64)
-            self._low_sums = torch.zeros(_BINS, dtype=torch.float64)
-        keys = _keys(magnitudes).reshape(-1).cpu()
+    def _scan_low(self, magnitudes: Tensor, offset: int) -> Part:
+        keys = _keys(magnitudes).cpu()
         # Values outside the bin land in two overflow bins (below, above): arithmetic, no
         # compaction and no `where`, which is slow on CPU.
         low = (keys - (self._bin << 16)).clamp_(-1, _BINS).add_(1)
-        self._low += torch.bincount(low, minlength=_BINS + 2)[1:_BINS + 1]
+        part = Part(offset, counts=torch.bincount(low, minlength=_BINS + 2)[1:_BINS + 1])
         if self.track_sums:
-            weights = magnitudes.reshape(-1).double().cpu()
-            self._low_sums += torch.bincount(low, weights=weights, minlength=_BINS + 2)[1:_BINS + 1]
+            weights = magnitudes.double().cpu()
+            part.sums = torch.bincount(low, weights=weights, minlength=_BINS + 2)[1:_BINS + 1]
+        return part
 
-    def finish_low(self) -> None:
-        if self.trivial:
-            return
+    def _finish_low(self) -> bool:
+        """Settle the threshold; False when a pass must still find where the kept ties end."""
+        counts, sums, self._counts, self._sums = self._counts, self._sums, None, None
         needed = self.k - self._above
-        from_top = torch.flip(self._low, [0]).cumsum(0)
+        from_top = torch.flip(counts, [0]).cumsum(0)
         index = int(torch.searchsorted(from_top, needed))
         low_bin = _BINS - 1 - index
         above_in_bin = int(from_top[index - 1]) if index else 0
         self.threshold_key = (self._bin << 16) | low_bin
         self.equal_to_keep = needed - above_in_bin
-        self.kept_sum = (self._above_sum + float(self._low_sums[low_bin + 1:].sum())
-                         + self.equal_to_keep * self.threshold)
-        self._ready()
+        self.kept_sum = self._above_sum + float(sums[low_bin + 1:].sum()) + self.equal_to_keep * self.threshold
+        self._cut_ties([])
+        return self.equal_to_keep == int(counts[low_bin])  # every tie is kept: no cut to place
 
     # -- applying the threshold ---------------------------------------------------------------
 
-    def mask(self, magnitudes: Tensor) -> Tensor:
-        """The keep-mask of the next chunk (chunks must come in stream order)."""
+    def _ties_to_keep(self, offset: int) -> Optional[int]:
+        """Ties at the threshold the chunk at `offset` keeps: None for all of them."""
+        if offset < self._tie_cut:
+            return None
+        return self._ties_at_cut if offset == self._tie_cut else 0
+
+    def mask(self, magnitudes: Tensor, offset: int = 0) -> Tensor:
+        """The keep-mask of the chunk at flat position `offset`."""
         if self.all:
             return torch.ones_like(magnitudes, dtype=torch.bool)
         if self.none:
             return torch.zeros_like(magnitudes, dtype=torch.bool)
         keys = _keys(magnitudes)
-        if self._equal_left <= 0:
+        ties = self._ties_to_keep(offset)
+        if ties is None:
+            return keys >= self.threshold_key
+        if ties == 0:
             return keys > self.threshold_key
-        keep = keys >= self.threshold_key
         equal = keys == self.threshold_key
-        count = int(equal.sum())
-        if count <= self._equal_left:  # every tie in this chunk still fits
-            self._equal_left -= count
-            return keep
         # keep only the first ties, in stream order, as the whole-tensor mask does
         order = equal.reshape(-1).cumsum(0).reshape(equal.shape)
-        keep &= ~equal | (order <= self._equal_left)
-        self._equal_left = 0
-        return keep
+        return (keys > self.threshold_key) | (equal & (order <= ties))
 
-    def prune(self, values: Tensor) -> Tensor:
-        """The next chunk of `values` with every entry outside the top k (by magnitude) zeroed.
+    def prune(self, values: Tensor, offset: int = 0) -> Tensor:
+        """`values` (the chunk at flat position `offset`) with every entry outside the top k zeroed.
 
         Same choice as `mask`, without boolean masks on the common path: boolean tensors and
         `where` cost several times more than arithmetic on CPU, and this runs on every element.
@@ -259,18 +302,15 @@ class TopK:
         if self.none:
             return values.zero_()
         if values.dtype != torch.float32:  # the keys are float32: compare as `mask` does
-            return values * self.mask(values.abs())
+            return values * self.mask(values.abs(), offset)
         threshold = self.threshold
-        above = F.hardshrink(values, threshold)  # |v| > threshold
+        ties = self._ties_to_keep(offset)
         # Ties at a zero threshold are zeros: keeping or dropping them changes nothing.
-        if self._equal_left <= 0 or threshold == 0:
-            return above
-        at_least = F.hardshrink(values, self._just_below)  # |v| >= threshold
-        count = int(torch.count_nonzero(at_least)) - int(torch.count_nonzero(above))
-        if count <= self._equal_left:
-            self._equal_left -= count
-            return at_least
-        return values * self.mask(values.abs())
+        if ties == 0 or threshold == 0:
+            return F.hardshrink(values, threshold)  # |v| > threshold
+        if ties is None:
+            return F.hardshrink(values, self._just_below)  # |v| >= threshold
+        return values * self.mask(values.abs(), offset)
 
 
 def stream_seed(seed: int, *parts: object) -> int:
@@ -290,8 +330,8 @@ _MIX1, _MIX2 = _int32(0x85EBCA6B), _int32(0xC2B2AE35)
 _POSITIONS: dict[torch.device, Tensor] = {}
 
 
-def _block_uniform(block_seed: int, first: int, last: int, device: torch.device) -> Tensor:
-    """Uniform [0, 1) draws for positions [first, last) of one block: a hash of the position.
+def _block_hash(block_seed: int, first: int, last: int, device: torch.device) -> Tensor:
+    """31 random bits (a non-negative int32) for each position in [first, last) of one block.
 
     A counter-based hash instead of `torch.rand`: CPU generators are serial and cost several
     times more per draw, and any slice of a block can be drawn without drawing the rest.
@@ -303,20 +343,35 @@ def _block_uniform(block_seed: int, first: int, last: int, device: torch.device)
     z = positions[first:last] * (_int32(block_seed) | 1)  # a seeded odd multiplier and offset
     z += _int32(block_seed >> 32)
     # MurmurHash3's finalizer with arithmetic shifts (torch has no unsigned int32): each
-    # xor-shift clears bit 31, so the draw takes bits 7-30.
+    # xor-shift clears bit 31, so the result is never negative.
     z ^= z >> 16
     z *= _MIX1
     z ^= z >> 13
     z *= _MIX2
     z ^= z >> 16
-    return ((z >> 7) & 0xFFFFFF).to(torch.float32).mul_(1.0 / (1 << 24))
+    return z
 
 
-def uniform(seed: int, start: int, end: int, device: torch.device) -> Tensor:
-    """Uniform [0, 1) draws for flat positions [start, end) of the stream `seed`, however split."""
+def _blocks(seed: int, start: int, end: int, device: torch.device, draw) -> Tensor:
     parts = []
     for block in range(start // RNG_BLOCK, (end - 1) // RNG_BLOCK + 1):
         origin = block * RNG_BLOCK
-        parts.append(_block_uniform(stream_seed(seed, block), max(start, origin) - origin,
-                                    min(end, origin + RNG_BLOCK) - origin, device))
+        bits = _block_hash(stream_seed(seed, block), max(start, origin) - origin, min(end, origin + RNG_BLOCK) - origin,
+                           device)
+        parts.append(draw(bits))
     return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def uniform(seed: int, start: int, end: int, device: torch.device) -> Tensor:
+    """Uniform [0, 1) float32 draws (24 bits) for flat positions [start, end) of the stream `seed`, however split."""
+    return _blocks(seed, start, end, device, lambda bits: (bits >> 7).to(torch.float32).mul_(1.0 / (1 << 24)))
+
+
+def bernoulli(seed: int, probability: float, start: int, end: int, device: torch.device) -> Tensor:
+    """``uniform(seed, start, end) < probability`` without the floats: one integer comparison per draw."""
+    # u = (bits >> 7) / 2**24 < p (compared in float32, as torch does) <=> bits < ceil(p32 * 2**24) * 2**7
+    p32 = float(torch.tensor(probability, dtype=torch.float32))
+    cut = math.ceil(p32 * (1 << 24))
+    if cut >= 1 << 24:
+        return torch.ones(end - start, dtype=torch.bool, device=device)
+    return _blocks(seed, start, end, device, lambda bits: bits < (max(cut, 0) << 7))

@@ -239,3 +239,27 @@ def test_streaming_in_row_chunks_gives_identical_results(method, params, llama, 
     run_merge(parse_config(text), tmp_path / "chunked", options=MergeOptions(seed=3))
     whole, chunked = load_state(tmp_path / "whole"), load_state(tmp_path / "chunked")
     assert all(torch.equal(whole[k], chunked[k]) for k in whole)
+
+
+@pytest.mark.parametrize("method, params", [
+    ("ties", "weight: 0.5, density: 0.3"), ("dare_ties", "weight: 0.5, density: 0.3"), ("linear", "weight: 0.5"),
+])
+def test_results_do_not_depend_on_the_worker_threads(method, params, llama, tmp_path, monkeypatch):
+    base, ft1, ft2 = llama.base(), llama.finetune(1), llama.finetune(2)
+    text = (f"merge_method: {method}\nbase_model: {base}\nmodels:\n  - {{model: {base}, parameters: {{weight: 0.2}}}}\n"
+            f"  - {{model: {ft1}, parameters: {{{params}}}}}\n  - {{model: {ft2}, parameters: {{{params}}}}}\n")
+    monkeypatch.setattr(execute_module, "CHUNK_ELEMENTS", 100)
+    run_merge(parse_config(text), tmp_path / "inline", options=MergeOptions(seed=3, workers=0))
+    run_merge(parse_config(text), tmp_path / "threads", options=MergeOptions(seed=3, workers=3))
+    inline, threads = load_state(tmp_path / "inline"), load_state(tmp_path / "threads")
+    assert all(torch.equal(inline[k], threads[k]) for k in inline)
+
+
+def test_a_failing_chunk_leaves_no_output(llama, tmp_path, monkeypatch):
+    base, ft1 = llama.base(), llama.finetune(1)
+    text = (f"merge_method: linear\nmodels:\n  - {{model: {base}, parameters: {{weight: 1.0}}}}\n"
+            f"  - {{model: {ft1}, parameters: {{weight: -1.0}}}}\n")  # normalizing divides by zero
+    monkeypatch.setattr(execute_module, "CHUNK_ELEMENTS", 100)
+    with pytest.raises(MergeError, match="NaN or infinite"):
+        run_merge(parse_config(text), tmp_path / "out", options=MergeOptions(workers=2))
+    assert list(tmp_path.iterdir()) == []

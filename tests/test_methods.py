@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from merging.methods import REGISTRY, top_k_mask
-from merging.selection import TopK, uniform
+from merging.selection import TopK, bernoulli, uniform
 
 
 def _inputs(n: int = 3, shape=(64, 48), seed: int = 0):
@@ -42,17 +42,28 @@ def test_top_k_mask_keeps_exactly_k_with_ties():
     assert int(top_k_mask(torch.randn(1000), 137).sum()) == 137
 
 
-def _streamed_mask(values: torch.Tensor, k: int, chunk: int) -> torch.Tensor:
+def _selected(values: torch.Tensor, k: int, chunk: int, sample=None, track_sums=False) -> tuple[TopK, torch.Tensor]:
+    """Select over chunks scanned and pruned back to front (as worker threads may); returns the pruned values."""
     flat = values.reshape(-1)
-    pieces = [flat[i:i + chunk] for i in range(0, flat.numel(), chunk)]
-    selector = TopK(k, flat.numel())
-    for piece in pieces:
-        selector.scan_high(piece)
-    selector.finish_high()
-    for piece in pieces:
-        selector.scan_low(piece)
-    selector.finish_low()
-    return torch.cat([selector.mask(piece) for piece in pieces]).reshape(values.shape)
+    offsets = list(range(0, flat.numel(), chunk))
+    selector = TopK(k, flat.numel(), track_sums=track_sums)
+    if sample is not None:
+        selector.guess(sample)
+    while not selector.done:
+        parts = {offset: selector.scan(flat[offset:offset + chunk].abs(), offset) for offset in reversed(offsets)}
+        for offset in offsets:
+            selector.fold(parts[offset])
+        selector.end_pass()
+    pruned = flat.clone()
+    for offset in reversed(offsets):
+        pruned[offset:offset + chunk] = selector.prune(flat[offset:offset + chunk].clone(), offset)
+    return selector, pruned.reshape(values.shape)
+
+
+def _streamed_mask(values: torch.Tensor, k: int, chunk: int) -> torch.Tensor:
+    selector, _ = _selected(values, k, chunk)
+    flat = values.reshape(-1)
+    return torch.cat([selector.mask(flat[i:i + chunk], i) for i in range(0, flat.numel(), chunk)]).reshape(values.shape)
 
 
 @pytest.mark.parametrize("chunk", [7, 100, 10_000])
@@ -61,20 +72,8 @@ def test_streamed_top_k_equals_the_whole_tensor_mask(chunk, k):
     values = torch.randn(1000).abs()
     values[::3] = values[5]  # plenty of ties at one value, as bf16 deltas have
     assert torch.equal(_streamed_mask(values, k, chunk), top_k_mask(values, k))
-
-
-def _selected(values: torch.Tensor, k: int, chunk: int, sample=None, track_sums=False) -> tuple[TopK, torch.Tensor]:
-    flat = values.reshape(-1)
-    pieces = [flat[i:i + chunk] for i in range(0, flat.numel(), chunk)]
-    selector = TopK(k, flat.numel(), track_sums=track_sums)
-    if sample is not None:
-        selector.guess(sample)
-    while not selector.done:
-        for piece in pieces:
-            selector.scan(piece.abs())
-        selector.end_pass()
-    pruned = torch.cat([selector.prune(piece.clone()) for piece in pieces])
-    return selector, pruned.reshape(values.shape)
+    _, pruned = _selected(values, k, chunk)
+    assert torch.equal(pruned, values * top_k_mask(values, k))
 
 
 def _spread_sample(values: torch.Tensor) -> torch.Tensor:
@@ -111,6 +110,12 @@ def test_streamed_top_k_keeps_the_largest_and_their_sum(guess):
     assert torch.equal(pruned != 0, values >= threshold)
     assert selector.kept_sum == pytest.approx(float(pruned.double().sum()))
     assert selector.total_sum == pytest.approx(float(values.double().sum()))
+
+
+def test_bernoulli_draws_are_the_uniform_draws_below_the_probability():
+    cpu = torch.device("cpu")
+    for probability in (0.0, 1e-3, 0.3, 0.53, 0.9, 1 - 1e-9, 1.0):  # 0.53 rounds up in float32
+        assert torch.equal(bernoulli(9, probability, 1000, 600_000, cpu), uniform(9, 1000, 600_000, cpu) < probability)
 
 
 def test_block_randomness_does_not_depend_on_chunking():
