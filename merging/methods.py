@@ -402,15 +402,17 @@ def combine_deltas(base: Tensor, deltas: list[Tensor], weight: list[float], cons
             divisor = sum(weight)
             mixed /= divisor if abs(divisor) >= 1e-8 else 1.0
     else:
-        weighted = [delta.mul_(w) for delta, w in zip(deltas, weight)]
-        total = _weighted_sum(weighted)
-        magnitude = _weighted_sum([torch.abs(x) for x in weighted])
-        if normalize:
-            signs = [torch.sign(x) for x in weighted]
-            signed = _weighted_sum(signs, weight)
-            support = _weighted_sum([sign.abs_() for sign in signs], weight)
-        elected = torch.sign(total)
-        elected += 1 - elected.abs()  # sign 0 elects +
+        total, magnitude = torch.zeros_like(base), torch.zeros_like(base)
+        signed, support = (torch.zeros_like(base), torch.zeros_like(base)) if normalize else (None, None)
+        for x, w in zip(deltas, weight):
+            x.mul_(w)
+            sign = torch.sign(x)
+            total += x
+            magnitude.addcmul_(x, sign)  # |x|
+            if normalize:
+                signed.add_(sign, alpha=w)
+                support.addcmul_(sign, sign, value=w)  # w * |sign x|
+        elected = torch.sign(total).add_(0.5).sign_()  # sign 0 elects +
         mixed = total.addcmul_(elected, magnitude).mul_(0.5)
         if normalize:
             divisor = support.addcmul_(elected, signed).mul_(0.5)

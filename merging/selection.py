@@ -58,6 +58,17 @@ class Part:
     equal: int = 0  # values equal to the threshold
 
 
+def _count_above(magnitudes: Tensor, bound: float) -> int:
+    """How many of the (non-negative) `magnitudes` exceed `bound`."""
+    return int(torch.count_nonzero(magnitudes if bound == 0 else F.hardshrink(magnitudes, bound)))
+
+
+def _below(value: float) -> float:
+    """The largest float32 below the non-negative float32 `value` (0 for 0)."""
+    key = int(_keys(torch.tensor([value])).item())
+    return _float(key - 1) if key > 0 else 0.0
+
+
 class TopK:
     """The k largest of a stream of non-negative values: the exact threshold, and a chunked mask.
 
@@ -164,15 +175,15 @@ class TopK:
     # -- one pass with a bracket --------------------------------------------------------------
 
     def _scan_bracket(self, magnitudes: Tensor, offset: int) -> Part:
-        above = magnitudes > self._hi
-        part = Part(offset, above=int(torch.count_nonzero(above)))
+        # Counting non-zeros of a hardshrink beats comparing: boolean tensors are slow on CPU.
+        part = Part(offset, above=_count_above(magnitudes, self._hi))
         if self.track_sums:
             part.total_sum = float(magnitudes.sum(dtype=torch.float64))
             part.above_sum = float(F.threshold(magnitudes, self._hi, 0.0).sum(dtype=torch.float64))
         if self._lo == self._hi:  # everything inside equals the bound: counting is enough
-            part.at_least = int(torch.count_nonzero(magnitudes >= self._lo))
+            part.at_least = magnitudes.numel() if self._lo == 0 else _count_above(magnitudes, _below(self._lo))
             return part
-        inside = magnitudes[(magnitudes >= self._lo).logical_and_(~above)]
+        inside = magnitudes[(magnitudes >= self._lo).logical_and_(magnitudes <= self._hi)]
         # Past this share the guess was poor: collecting costs more than the radix passes.
         limit = max(magnitudes.numel() // 8, math.ceil(_INSIDE_LIMIT * magnitudes.numel() / self.numel))
         part.inside = inside.cpu() if inside.numel() <= limit else None
@@ -221,7 +232,7 @@ class TopK:
                 self._tie_cut, self._ties_at_cut = offset, left
                 break
             left -= count
-        self._just_below = _float(self.threshold_key - 1) if self.threshold_key > 0 else 0.0
+        self._just_below = _below(self.threshold)
 
     # -- radix selection ----------------------------------------------------------------------
 
@@ -304,9 +315,10 @@ class TopK:
         if values.dtype != torch.float32:  # the keys are float32: compare as `mask` does
             return values * self.mask(values.abs(), offset)
         threshold = self.threshold
+        if threshold == 0:  # ties at a zero threshold are zeros: keeping or dropping them changes nothing
+            return values
         ties = self._ties_to_keep(offset)
-        # Ties at a zero threshold are zeros: keeping or dropping them changes nothing.
-        if ties == 0 or threshold == 0:
+        if ties == 0:
             return F.hardshrink(values, threshold)  # |v| > threshold
         if ties is None:
             return F.hardshrink(values, self._just_below)  # |v| >= threshold
