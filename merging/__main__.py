@@ -24,6 +24,12 @@ def parse_size(text: str) -> int:
     return int(float(match[1]) * scale)
 
 
+def worker_count(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of threads like 0, 2 or 8")
+    return int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m merging", description="Merge models from a mergekit YAML config.")
     parser.add_argument("config", type=Path, help="mergekit-compatible YAML config")
@@ -35,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--allow-pickle", action="store_true", help="accept pytorch_model.bin (weights_only=True)")
     parser.add_argument("--push-to", metavar="REPO", help="upload the result to this Hub repo (needs HF_TOKEN)")
     parser.add_argument("--private", action="store_true", help="with --push-to: create a private repo")
+    parser.add_argument("--workers", type=worker_count, default=None,
+                        help="threads merging chunks (default: one per CPU, at most 8; 0: none)")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
     return parser
 
@@ -54,7 +62,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if not args.quiet:
                 print(f"\r[{done}/{total}] {name[:60]:<60}", end="" if done < total else "\n", file=sys.stderr)
 
-        options = MergeOptions(device=args.device, seed=args.seed, out_shard_bytes=args.out_shard_size)
+        options = MergeOptions(device=args.device, seed=args.seed, out_shard_bytes=args.out_shard_size,
+                               workers=args.workers)
         files = run_merge(config, args.output_dir, options=options, token=token, allow_pickle=args.allow_pickle,
                           progress=progress)
         url = upload_merge(args.output_dir, args.push_to, token or "", private=args.private) if args.push_to else None

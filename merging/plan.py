@@ -118,7 +118,7 @@ class MergePlan:
             numel = tensor.out.numel
             read = self.input_bytes(tensor)
             scratch = numel * compute_itemsize * (2 * len(tensor.inputs) + 2)
-            worst = max(worst, 2 * read + scratch + tensor.out.nbytes)  # the next tensor is read ahead
+            worst = max(worst, 2 * read + scratch + tensor.out.nbytes)  # one merging, the next being prepared
         return worst + 400 * 2**20  # the Python process, torch and the write buffers
 
 

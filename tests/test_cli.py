@@ -127,3 +127,14 @@ def test_out_shard_size_flag(paths, tmp_path):
     assert main([str(config), str(tmp_path / "out"), "--out-shard-size", "50KB", "--quiet"]) == 0
     assert (tmp_path / "out" / "model.safetensors.index.json").is_file()
     assert len(list((tmp_path / "out").glob("model-*-of-*.safetensors"))) > 1
+
+
+def test_workers_flag_changes_nothing_but_the_threads(paths, tmp_path, capsys):
+    config = write(tmp_path, GOOD_TIES.replace("merge_method: ties", "merge_method: dare_ties"), **paths)
+    for name, workers in (("inline", "0"), ("threads", "3")):
+        assert main([str(config), str(tmp_path / name), "--workers", workers, "--quiet"]) == 0
+    inline, threads = load_state(tmp_path / "inline"), load_state(tmp_path / "threads")
+    assert all(torch.equal(inline[k], threads[k]) for k in inline)
+    with pytest.raises(SystemExit):
+        main([str(config), str(tmp_path / "bad"), "--workers", "-1"])
+    assert "not a number of threads" in capsys.readouterr().err
