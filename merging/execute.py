@@ -55,13 +55,15 @@ class MergeOptions:
 
 
 class _HeapReuse:
-    """Keep freed buffers in glibc's heap during a merge, and hand them back after.
+    """Keep freed buffers in glibc's heap while merging, and hand them back when a merge ends.
 
     Every chunk allocates and frees megabytes of temporaries on several threads. By default
     glibc serves blocks that size with fresh mmaps, or trims them off the heap top once freed,
     so every temporary page-faults anew: measured at a third of a linear merge's time. A fixed
     32 MiB mmap threshold (the largest glibc takes) and a 1 GiB trim threshold keep them for
-    reuse; `malloc_trim` returns the memory when the merge ends. Elsewhere this does nothing.
+    reuse. glibc cannot report its previous settings, so these stay for the process (the app's
+    server included); `malloc_trim` returns the free memory after every merge. Elsewhere (not
+    Linux with glibc) this does nothing.
     """
 
     _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
