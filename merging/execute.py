@@ -182,8 +182,6 @@ class _Merger:
         self.workers = _Workers(count if plan.method.chunkable else 0)
         self.readers = {}
         self._readers_lock = threading.Lock()
-        # Whole inputs of the tensor being prepared, as read, for its later passes and merge jobs.
-        self.held: dict[str, list[torch.Tensor]] = {}
 
     def reader(self, model: int):
         with self._readers_lock:
@@ -193,17 +191,16 @@ class _Merger:
 
     def read_inputs(self, tensor: PlannedTensor, rows: Optional[tuple[int, int]] = None,
                     held: Optional[list[torch.Tensor]] = None) -> list[torch.Tensor]:
-        held = held if held is not None else self.held.get(tensor.name)
         if held is not None:
             return held if rows is None else [t[rows[0]:rows[1]] for t in held]
         return [self.reader(model).read(name, rows) for model, name in tensor.inputs]
 
-    def hold(self, tensor: PlannedTensor) -> None:
-        """Read `tensor`'s inputs whole, once, for methods with whole-tensor passes, when they take at
-        most KEEP_INPUT_BYTES; larger ones are read again on every pass. One buffer per input, not
-        one per chunk: chunk buffers kept between passes would pin the heap pages around them."""
-        if self.plan.input_bytes(tensor) <= KEEP_INPUT_BYTES:
-            self.held[tensor.name] = self.read_inputs(tensor)
+    def hold(self, tensor: PlannedTensor) -> Optional[list[torch.Tensor]]:
+        """`tensor`'s inputs read whole, once, for methods with whole-tensor passes, when they take at
+        most KEEP_INPUT_BYTES (None otherwise: larger ones are read again on every pass). One buffer
+        per input, not one per chunk: chunk buffers kept between passes would pin the heap pages
+        around them."""
+        return self.read_inputs(tensor) if self.plan.input_bytes(tensor) <= KEEP_INPUT_BYTES else None
 
     def row_ranges(self, tensor: PlannedTensor) -> list[Optional[tuple[int, int]]]:
         shape = tensor.out.shape
@@ -228,15 +225,15 @@ class _Merger:
         return base, [t for k, t in enumerate(work) if k != tensor.base]
 
     def kernel(self, tensor: PlannedTensor, ranges: list[Optional[tuple[int, int]]]):
-        """The function that merges each chunk of `tensor`, after any whole-tensor passes."""
+        """(the function that merges each chunk of `tensor`, the inputs its passes held or None)."""
         method = self.plan.method
         params = dict(tensor.params)
         if method.randomized:
             params["seed"] = tensor_seed(self.options.seed, tensor.seed_key)
         if method.prepare is None:
-            return lambda base, others, offset: method.fn(base, others, **params)
-        self.hold(tensor)
-        return method.prepare(_TensorChunks(self, tensor, ranges), tensor.out.numel, **params)
+            return (lambda base, others, offset: method.fn(base, others, **params)), None
+        chunks = _TensorChunks(self, tensor, ranges, self.hold(tensor))
+        return method.prepare(chunks, tensor.out.numel, **params), chunks.held
 
     def merge_chunk(self, tensor: PlannedTensor, rows: Optional[tuple[int, int]], kernel,
                     held: Optional[list[torch.Tensor]]) -> torch.Tensor:
@@ -261,26 +258,30 @@ class _TensorChunks:
 
     SAMPLE_ROWS = 64  # at least this many rows, else one in 64
 
-    def __init__(self, merger: _Merger, tensor: PlannedTensor, ranges: list[Optional[tuple[int, int]]]):
-        self.merger, self.tensor, self.ranges = merger, tensor, ranges
+    def __init__(self, merger: _Merger, tensor: PlannedTensor, ranges: list[Optional[tuple[int, int]]],
+                 held: Optional[list[torch.Tensor]]):
+        self.merger, self.tensor, self.ranges, self.held = merger, tensor, ranges, held
         self.device = merger.device
+
+    def read(self, rows: Optional[tuple[int, int]] = None) -> list[torch.Tensor]:
+        return self.merger.read_inputs(self.tensor, rows, self.held)
 
     def map(self, fn):
         merger, tensor = self.merger, self.tensor
 
         def job(rows: Optional[tuple[int, int]]):
-            base, others = merger.to_compute(tensor, merger.read_inputs(tensor, rows))
+            base, others = merger.to_compute(tensor, self.read(rows))
             return fn(base, others, _flat_offset(tensor, rows))
 
         return merger.workers.map(job, self.ranges)
 
     def sample(self):
         if self.ranges == [None]:  # one chunk: the whole tensor is the sample
-            return self.merger.to_compute(self.tensor, self.merger.read_inputs(self.tensor))
+            return self.merger.to_compute(self.tensor, self.read())
         total = self.tensor.out.shape[0]
         count = min(total, max(self.SAMPLE_ROWS, total // 64))
         rows = sorted({round(i * (total - 1) / max(1, count - 1)) for i in range(count)})
-        parts = [self.merger.to_compute(self.tensor, self.merger.read_inputs(self.tensor, (r, r + 1))) for r in rows]
+        parts = [self.merger.to_compute(self.tensor, self.read((r, r + 1))) for r in rows]
         base = torch.cat([b for b, _ in parts]) if parts[0][0] is not None else None
         others = [torch.cat([o[i] for _, o in parts]) for i in range(len(parts[0][1]))]
         return base, others
@@ -336,8 +337,7 @@ def _write_weights(plan: MergePlan, merger: _Merger, staging: Path, progress: Op
     try:
         for tensor in plan.tensors:
             ranges = merger.row_ranges(tensor)
-            kernel = merger.kernel(tensor, ranges) if tensor.floating else None
-            held = merger.held.pop(tensor.name, None)  # from here on, only its merge jobs hold it
+            kernel, held = merger.kernel(tensor, ranges) if tensor.floating else (None, None)
             submitted.append((tensor, [merger.workers.submit(job(tensor, rows, kernel, held)) for rows in ranges]))
             report(block=False)
         report(block=True)
