@@ -32,6 +32,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from . import native
 from .selection import TopK, bernoulli, stream_seed, uniform
 
 Tensor = torch.Tensor
@@ -499,7 +500,34 @@ def task_arithmetic_family(sparsify: Optional[Sparsify], consensus: bool) -> Cal
             for i, model_sums in zip(pruned, totals):
                 factors[i] = _rescale_factor(exact_total(t for t, _ in model_sums), exact_total(k for _, k in model_sums))
 
+        def keep_mask(i: int, like: Tensor, offset: int) -> Tensor:
+            if drawn is not None:
+                return drawn[pruned.index(i), offset:offset + like.numel()].view(like.shape)
+            return random_keep(seeds[i], density[i], like, offset)
+
+        def fused(base: Tensor, models: list[Tensor], offset: int) -> Optional[Tensor]:
+            """The kernel as one native loop, when the inputs and every model's pruning allow."""
+            if not models or sparsify not in (None, Sparsify.MAGNITUDE, Sparsify.RANDOM) \
+                    or not native.fits(base, *models):
+                return None
+            masks: list[Optional[Tensor]] = [None] * count
+            bounds = [-math.inf] * count
+            for i in range(count):
+                if sparsify is Sparsify.MAGNITUDE and density[i] <= 0:
+                    bounds[i] = math.inf
+                elif sparsify is Sparsify.MAGNITUDE and selectors[i] is not None:
+                    bounds[i] = selectors[i].bound(offset)
+                    if bounds[i] is None:  # the chunk that cuts through the ties at the threshold
+                        return None
+                elif sparsify is Sparsify.RANDOM and 0 < density[i] < 1:
+                    masks[i] = keep_mask(i, base, offset)
+            return native.task_merge(base, models, masks, bounds, factors, weight, consensus=consensus,
+                                     normalize=normalize, scale=scale)
+
         def kernel(base: Tensor, models: list[Tensor], offset: int) -> Tensor:
+            merged = fused(base, models, offset)
+            if merged is not None:
+                return merged
             deltas = []
             for i, model in enumerate(models):
                 delta = model - base
@@ -508,10 +536,7 @@ def task_arithmetic_family(sparsify: Optional[Sparsify], consensus: bool) -> Cal
                 elif sparsify is Sparsify.MAGNITUDE and selectors[i] is not None:
                     delta = selectors[i].prune(delta, offset)
                 elif sparsify is Sparsify.RANDOM and 0 < density[i] < 1:
-                    if drawn is not None:
-                        delta *= drawn[pruned.index(i), offset:offset + delta.numel()].view(delta.shape)
-                    else:
-                        delta *= random_keep(seeds[i], density[i], delta, offset)
+                    delta *= keep_mask(i, delta, offset)
                 elif sparsify is Sparsify.OUTLIERS:
                     delta = outlier_prune(delta, density[i], gamma[i], rescale)
                 elif sparsify is Sparsify.RANK:

@@ -24,6 +24,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from . import native
+
 Tensor = torch.Tensor
 _BINS = 1 << 16
 RNG_BLOCK = 1 << 18
@@ -175,6 +177,10 @@ class TopK:
     # -- one pass with a bracket --------------------------------------------------------------
 
     def _scan_bracket(self, magnitudes: Tensor, offset: int) -> Part:
+        if self._lo != self._hi and native.fits(magnitudes):
+            above, inside, total_sum, above_sum = native.bracket_scan(
+                magnitudes, self._lo, self._hi, self._inside_limit(magnitudes.numel()), self.track_sums)
+            return Part(offset, above=above, inside=inside, total_sum=total_sum, above_sum=above_sum)
         # Counting non-zeros of a hardshrink beats comparing: boolean tensors are slow on CPU.
         part = Part(offset, above=_count_above(magnitudes, self._hi))
         if self.track_sums:
@@ -184,10 +190,12 @@ class TopK:
             part.at_least = magnitudes.numel() if self._lo == 0 else _count_above(magnitudes, _below(self._lo))
             return part
         inside = magnitudes[(magnitudes >= self._lo).logical_and_(magnitudes <= self._hi)]
-        # Past this share the guess was poor: collecting costs more than the radix passes.
-        limit = max(magnitudes.numel() // 8, math.ceil(_INSIDE_LIMIT * magnitudes.numel() / self.numel))
-        part.inside = inside.cpu() if inside.numel() <= limit else None
+        part.inside = inside.cpu() if inside.numel() <= self._inside_limit(magnitudes.numel()) else None
         return part
+
+    def _inside_limit(self, size: int) -> int:
+        # Past this share the guess was poor: collecting costs more than the radix passes.
+        return max(size // 8, math.ceil(_INSIDE_LIMIT * size / self.numel))
 
     def _settle_bracket(self, parts: list[Part]) -> bool:
         above = sum(part.above for part in parts)
@@ -302,27 +310,34 @@ class TopK:
         order = equal.reshape(-1).cumsum(0).reshape(equal.shape)
         return (keys > self.threshold_key) | (equal & (order <= ties))
 
+    def bound(self, offset: int = 0) -> Optional[float]:
+        """`prune` of the chunk at `offset` as a bound: it keeps the values with |v| > bound (-inf
+        keeps all, inf none). None for the one chunk that cuts through the ties at the threshold."""
+        if self.all:
+            return -math.inf
+        if self.none:
+            return math.inf
+        if self.threshold == 0:  # ties at a zero threshold are zeros: keeping or dropping them changes nothing
+            return -math.inf
+        ties = self._ties_to_keep(offset)
+        if ties is None:
+            return self._just_below  # |v| >= threshold
+        return self.threshold if ties == 0 else None
+
     def prune(self, values: Tensor, offset: int = 0) -> Tensor:
         """`values` (the chunk at flat position `offset`) with every entry outside the top k zeroed.
 
         Same choice as `mask`, without boolean masks on the common path: boolean tensors and
         `where` cost several times more than arithmetic on CPU, and this runs on every element.
         """
-        if self.all:
+        bound = self.bound(offset)
+        if bound == -math.inf:
             return values
-        if self.none:
+        if bound == math.inf:
             return values.zero_()
-        if values.dtype != torch.float32:  # the keys are float32: compare as `mask` does
+        if bound is None or values.dtype != torch.float32:  # the keys are float32: compare as `mask` does
             return values * self.mask(values.abs(), offset)
-        threshold = self.threshold
-        if threshold == 0:  # ties at a zero threshold are zeros: keeping or dropping them changes nothing
-            return values
-        ties = self._ties_to_keep(offset)
-        if ties == 0:
-            return F.hardshrink(values, threshold)  # |v| > threshold
-        if ties is None:
-            return F.hardshrink(values, self._just_below)  # |v| >= threshold
-        return values * self.mask(values.abs(), offset)
+        return F.hardshrink(values, bound)
 
 
 def stream_seed(seed: int, *parts: object) -> int:
@@ -386,4 +401,8 @@ def bernoulli(seed: int, probability: float, start: int, end: int, device: torch
     cut = math.ceil(p32 * (1 << 24))
     if cut >= 1 << 24:
         return torch.ones(end - start, dtype=torch.bool, device=device)
-    return _blocks(seed, start, end, device, lambda bits: bits < (max(cut, 0) << 7))
+    threshold = max(cut, 0) << 7
+    if device.type == "cpu" and native.available():
+        seeds = [stream_seed(seed, block) for block in range(start // RNG_BLOCK, (end - 1) // RNG_BLOCK + 1)]
+        return native.bernoulli(start, end, RNG_BLOCK, seeds, threshold)
+    return _blocks(seed, start, end, device, lambda bits: bits < threshold)

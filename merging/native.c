@@ -1,0 +1,153 @@
+/* Fused CPU loops for mergeline (see native.py). Each function mirrors, operation by operation,
+ * the torch code it replaces, so both give bit-identical results:
+ *   - float32 roundings happen at the same steps, in the same order;
+ *   - torch's `add_(other, alpha=w)` is a fused multiply-add (`fmaf`), everything else is not:
+ *     the file is compiled with -ffp-contract=off so the compiler does not fuse on its own;
+ *   - sign(x) is (x > 0) - (x < 0), as torch's, and masks multiply as 0.0 / 1.0 floats.
+ * No allocation, no threads: the engine runs one call per chunk on each of its workers. */
+
+#include <math.h>
+#include <stdint.h>
+
+#define BLOCK 256 /* elements per inner block: the per-element state stays in L1 */
+
+static inline float sign_of(float x) { return (float)((x > 0.0f) - (x < 0.0f)); }
+
+/* torch's hardshrink: zero where -bound <= x <= bound (bound -inf keeps everything). */
+static inline float shrink(float x, float bound) { return ((x >= -bound) & (x <= bound)) ? 0.0f : x; }
+
+/* methods.task_arithmetic_family's kernel followed by methods.combine_deltas, for one chunk.
+ * Per model j: delta = (model - base) [* mask] -> hardshrink(bound) -> * factor -> weighted
+ * combination (TIES sign election when `consensus`), normalized, scaled, plus the base.
+ * Each inner loop is branch-free so that it vectorizes; the branches pick loops per block. */
+void ml_task_merge(const float *base, const float *const *models, const uint8_t *const *masks,
+                   const float *bounds, const float *factors, const float *weights, int32_t count,
+                   int64_t n, int32_t consensus, int32_t normalize, float divisor, float scale,
+                   float *out) {
+    float delta[BLOCK], total[BLOCK], magnitude[BLOCK], signed_weight[BLOCK], support[BLOCK];
+    for (int64_t start = 0; start < n; start += BLOCK) {
+        const int64_t size = n - start < BLOCK ? n - start : BLOCK;
+        const float *b = base + start;
+        for (int64_t i = 0; i < size; i++) total[i] = magnitude[i] = signed_weight[i] = support[i] = 0.0f;
+        for (int32_t j = 0; j < count; j++) {
+            const float *m = models[j] + start;
+            const float bound = bounds[j], factor = factors[j], w = weights[j];
+            if (masks[j]) {
+                const uint8_t *keep = masks[j] + start;
+                for (int64_t i = 0; i < size; i++) delta[i] = shrink((m[i] - b[i]) * (float)keep[i], bound) * factor;
+            } else {
+                for (int64_t i = 0; i < size; i++) delta[i] = shrink(m[i] - b[i], bound) * factor;
+            }
+            if (!consensus) {  /* _weighted_sum: w0 * d0, then += w * d as torch's fused add */
+                if (j == 0) {
+                    for (int64_t i = 0; i < size; i++) total[i] = delta[i] * w;
+                } else {
+                    for (int64_t i = 0; i < size; i++) total[i] = fmaf(delta[i], w, total[i]);
+                }
+            } else if (normalize) {
+                for (int64_t i = 0; i < size; i++) {
+                    const float x = delta[i] * w, s = sign_of(x);
+                    total[i] = total[i] + x;
+                    magnitude[i] = magnitude[i] + x * s;
+                    signed_weight[i] = fmaf(s, w, signed_weight[i]);
+                    support[i] = support[i] + (w * s) * s;
+                }
+            } else {
+                for (int64_t i = 0; i < size; i++) {
+                    const float x = delta[i] * w;
+                    total[i] = total[i] + x;
+                    magnitude[i] = magnitude[i] + x * sign_of(x);
+                }
+            }
+        }
+        float *o = out + start;
+        if (consensus) {
+            for (int64_t i = 0; i < size; i++) {
+                const float elected = sign_of(sign_of(total[i]) + 0.5f); /* a zero sum elects + */
+                total[i] = (total[i] + elected * magnitude[i]) * 0.5f;
+                if (normalize) {
+                    const float d = (support[i] + elected * signed_weight[i]) * 0.5f;
+                    total[i] = total[i] / (d + (1.0f - fabsf(sign_of(d))));
+                }
+            }
+        } else if (normalize) {
+            for (int64_t i = 0; i < size; i++) total[i] = total[i] / divisor;
+        }
+        if (scale != 1.0f) {
+            for (int64_t i = 0; i < size; i++) total[i] = total[i] * scale;
+        }
+        for (int64_t i = 0; i < size; i++) o[i] = total[i] + b[i];
+    }
+}
+
+/* selection.TopK._scan_bracket for one chunk of non-negative values: how many exceed `high`, and
+ * the values in [low, high] in stream order (the first `capacity` of them; `counts[1]` says how
+ * many there were). With `track_sums`, float64 sums of all values and of those above `high`. */
+void ml_bracket_scan(const float *values, int64_t n, float low, float high, float *inside,
+                     int64_t capacity, int32_t track_sums, int64_t *counts, double *sums) {
+    enum { GROUP = 16 };  /* few values fall inside: test a group at once, collect rarely */
+    int64_t above = 0, found = 0;
+    double total = 0.0, above_sum = 0.0;
+    for (int64_t start = 0; start < n; start += GROUP) {
+        const int64_t size = n - start < GROUP ? n - start : GROUP;
+        const float *v = values + start;
+        int32_t any = size < GROUP;
+        if (size == GROUP) {
+            int32_t group_above = 0;
+            for (int32_t i = 0; i < GROUP; i++) {
+                group_above += v[i] > high;
+                any |= (v[i] >= low) & (v[i] <= high);
+            }
+            above += group_above;
+        } else {
+            for (int64_t i = 0; i < size; i++) above += v[i] > high;
+        }
+        if (!any) continue;
+        for (int64_t i = 0; i < size; i++) {
+            if ((v[i] >= low) & (v[i] <= high)) {
+                if (found < capacity) inside[found] = v[i];
+                found++;
+            }
+        }
+    }
+    if (track_sums) {
+        for (int64_t i = 0; i < n; i++) {
+            total += values[i];
+            above_sum += values[i] > high ? values[i] : 0.0f;
+        }
+    }
+    counts[0] = above;
+    counts[1] = found;
+    sums[0] = total;
+    sums[1] = above_sum;
+}
+
+/* selection.bernoulli: keep[p] = hash(p) < threshold for flat positions [start, start + n), with
+ * the hash of selection._block_hash (int32 arithmetic wrapping as torch's, arithmetic shifts).
+ * seeds[k] is the stream seed of block start / block_size + k. */
+void ml_bernoulli(int64_t start, int64_t n, int64_t block_size, const int64_t *seeds,
+                  int32_t threshold, uint8_t *keep) {
+    const uint32_t mix1 = 0x85EBCA6Bu, mix2 = 0xC2B2AE35u;
+    const int64_t first_block = start / block_size;
+    for (int64_t done = 0; done < n;) {
+        const int64_t position = start + done;
+        const int64_t block = position / block_size;
+        const int64_t local = position - block * block_size;
+        int64_t size = block_size - local;
+        if (size > n - done) size = n - done;
+        const uint64_t seed = (uint64_t)seeds[block - first_block];
+        const uint32_t multiplier = (uint32_t)seed | 1u, offset = (uint32_t)(seed >> 32);
+        uint8_t *out = keep + done;
+        const uint32_t first = (uint32_t)local;
+        for (int32_t i = 0; i < (int32_t)size; i++) {
+            int32_t z = (int32_t)((first + (uint32_t)i) * multiplier + offset);
+            z ^= z >> 16;
+            z = (int32_t)((uint32_t)z * mix1);
+            z ^= z >> 13;
+            z = (int32_t)((uint32_t)z * mix2);
+            z ^= z >> 16;
+            out[i] = z < threshold;
+        }
+        done += size;
+    }
+}

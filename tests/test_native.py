@@ -1,0 +1,132 @@
+"""The fused CPU loops give the torch ops' results bit for bit, and merges run without them."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from merging import MergeOptions, native, parse_config, run_merge
+from merging import execute as execute_module
+from merging.methods import REGISTRY
+from merging.selection import TopK, bernoulli
+from tiny_models import load_state
+
+needs_native = pytest.mark.skipif(not native.available(), reason="no C compiler to build the fused loops")
+
+
+@pytest.fixture
+def torch_only(monkeypatch):
+    """Run the block without the fused loops, as on a machine without a C compiler."""
+
+    def disable():
+        monkeypatch.setattr(native, "_library", None)
+        monkeypatch.setattr(native, "_loaded", True)
+
+    return disable
+
+
+def _inputs(count: int, shape=(37, 29), seed: int = 0):
+    """Fine-tunes with untouched entries, exact ties and sign conflicts: the cases that round differently."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(shape, generator=g)
+    models = []
+    for _ in range(count):
+        delta = (torch.randn(shape, generator=g) * 8).round() / 64  # many equal magnitudes
+        delta[torch.rand(shape, generator=g) < 0.2] = 0
+        models.append(base + delta)
+    return base, models
+
+
+def _params(name: str, count: int, **overrides):
+    params = {p.name: p.default for p in REGISTRY[name].parameters if not p.required}
+    params.update(weight=[0.7, -0.3, 0.45][:count], density=[0.4, 1.0, 0.0][:count] if name == "ties" else
+                  [0.4, 0.9, 0.6][:count], seed=11)
+    params.update(overrides)
+    return params
+
+
+def _bits(tensor):
+    return tensor.contiguous().view(torch.int32)
+
+
+@needs_native
+@pytest.mark.parametrize("name, overrides", [
+    ("ties", {}), ("ties", {"normalize": False}), ("ties", {"lambda": 0.6}),
+    ("dare_ties", {}), ("dare_ties", {"normalize": True, "lambda": 1.3}), ("dare_linear", {}),
+    ("dare_linear", {"normalize": True}), ("task_arithmetic", {}), ("task_arithmetic", {"normalize": True}),
+])
+@pytest.mark.parametrize("count", [1, 3])
+def test_fused_merges_are_bit_identical_to_torch(name, overrides, count, torch_only):
+    base, models = _inputs(count)
+    params = _params(name, count, **overrides)
+    fused = REGISTRY[name](base, models, **params)
+    torch_only()
+    assert torch.equal(_bits(fused), _bits(REGISTRY[name](base, models, **params)))
+
+
+@needs_native
+@pytest.mark.parametrize("k", [1, 300, 700, 999])
+def test_fused_bracket_scan_selects_what_torch_selects(k, torch_only):
+    values = ((torch.randn(4, 250, generator=torch.Generator().manual_seed(k)) * 6).round().abs() / 7)
+
+    def select():
+        top = TopK(k, values.numel(), track_sums=True)
+        top.guess(values)
+        while not top.done:
+            for offset in range(0, values.numel(), 300):
+                top.fold(top.scan(values.reshape(-1)[offset:offset + 300], offset))
+            top.end_pass()
+        masks = [top.mask(values.reshape(-1)[o:o + 300], o) for o in range(0, values.numel(), 300)]
+        return top.threshold, top.passes, torch.cat(masks), top.kept_sum
+
+    threshold, passes, mask, kept = select()
+    torch_only()
+    plain_threshold, plain_passes, plain_mask, plain_kept = select()
+    assert (threshold, passes) == (plain_threshold, plain_passes) and torch.equal(mask, plain_mask)
+    assert int(mask.sum()) == k and math.isclose(kept, plain_kept, rel_tol=1e-12)
+
+
+@needs_native
+@pytest.mark.parametrize("start, end", [(0, 1), (5, 300_000), (262_143, 262_145), (1_000_000, 1_800_001)])
+def test_fused_bernoulli_draws_the_torch_mask(start, end, torch_only):
+    cpu = torch.device("cpu")
+    fused = [bernoulli(7, p, start, end, cpu) for p in (0.0, 0.3, 0.5, 0.999)]
+    torch_only()
+    assert all(torch.equal(f, bernoulli(7, p, start, end, cpu)) for f, p in zip(fused, (0.0, 0.3, 0.5, 0.999)))
+
+
+@needs_native
+@pytest.mark.parametrize("method", ["ties", "dare_ties"])
+def test_streamed_merges_match_with_and_without_the_fused_loops(method, llama, tmp_path, monkeypatch, torch_only):
+    base, ft1, ft2 = llama.base(), llama.finetune(1), llama.finetune(2)
+    text = (f"merge_method: {method}\nbase_model: {base}\nmodels:\n  - {{model: {base}}}\n"
+            f"  - {{model: {ft1}, parameters: {{weight: 0.6, density: 0.3}}}}\n"
+            f"  - {{model: {ft2}, parameters: {{weight: 0.4, density: 0.5}}}}\n")
+    monkeypatch.setattr(execute_module, "CHUNK_ELEMENTS", 100)  # ties at thresholds land across chunks
+    run_merge(parse_config(text), tmp_path / "fused", options=MergeOptions(seed=3, workers=2))
+    torch_only()
+    run_merge(parse_config(text), tmp_path / "torch", options=MergeOptions(seed=3, workers=2))
+    fused, plain = load_state(tmp_path / "fused"), load_state(tmp_path / "torch")
+    assert all(torch.equal(fused[k], plain[k]) for k in fused)
+
+
+def test_without_a_compiler_merges_run_in_torch(monkeypatch, tmp_path, llama):
+    monkeypatch.setattr(native, "_library", None)
+    monkeypatch.setattr(native, "_loaded", False)
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("MERGELINE_CACHE", str(tmp_path / "cache"))
+    assert not native.available()
+    base, ft1 = llama.base(), llama.finetune(1)
+    text = (f"merge_method: ties\nbase_model: {base}\nmodels:\n"
+            f"  - {{model: {ft1}, parameters: {{weight: 1.0, density: 0.5}}}}\n")
+    run_merge(parse_config(text), tmp_path / "out", options=MergeOptions())
+    assert load_state(tmp_path / "out")
+
+
+def test_the_switch_turns_the_fused_loops_off(monkeypatch):
+    monkeypatch.setattr(native, "_library", None)
+    monkeypatch.setattr(native, "_loaded", False)
+    monkeypatch.setenv("MERGELINE_NATIVE", "0")
+    assert not native.available() and not native.fits(torch.zeros(3))
