@@ -176,9 +176,11 @@ def top_k_mask(values: Tensor, k: int) -> Tensor:
     return mask.reshape(values.shape)
 
 
-def random_keep(seed: int, density: float, like: Tensor, offset: int = 0) -> Tensor:
-    """Keep each entry with probability `density` (DARE); reproducible per flat position."""
-    return bernoulli(seed, density, offset, offset + like.numel(), like.device).reshape(like.shape)
+def random_keep(seed: int, density: float, like: Tensor, offset: int = 0, out: Optional[Tensor] = None) -> Tensor:
+    """Keep each entry with probability `density` (DARE); reproducible per flat position.
+
+    Drawn into `out` (flat, boolean) when given."""
+    return bernoulli(seed, density, offset, offset + like.numel(), like.device, out).view(like.shape)
 
 
 def row_sums(values: Tensor) -> list[float]:
@@ -473,7 +475,7 @@ def task_arithmetic_family(sparsify: Optional[Sparsify], consensus: bool) -> Cal
                 if not active:
                     break
                 for parts in chunks.map(lambda base, models, offset: [
-                        selectors[i].scan((models[i] - base).abs_(), offset) for i in active]):
+                        selectors[i].scan_difference(models[i], base, offset) for i in active]):
                     for i, part in zip(active, parts):
                         selectors[i].fold(part)
                 for i in active:
@@ -489,11 +491,14 @@ def task_arithmetic_family(sparsify: Optional[Sparsify], consensus: bool) -> Cal
             def l1_sums(base: Tensor, models: list[Tensor], offset: int) -> list[tuple[list[float], list[float]]]:
                 sums = []
                 for j, i in enumerate(pruned):
-                    magnitude = (models[i] - base).abs_()
-                    keep = random_keep(seeds[i], density[i], magnitude, offset)
-                    if drawn is not None:
-                        drawn[j, offset:offset + keep.numel()] = keep.reshape(-1)
-                    sums.append((row_sums(magnitude), row_sums(magnitude.mul_(keep))))
+                    out = drawn[j, offset:offset + base.numel()] if drawn is not None else None
+                    keep = random_keep(seeds[i], density[i], base, offset, out)
+                    if native.fits(models[i], base):
+                        magnitude, kept = native.masked_magnitudes(models[i], base, keep)
+                    else:
+                        magnitude = (models[i] - base).abs_()
+                        kept = magnitude * keep
+                    sums.append((row_sums(magnitude), row_sums(kept)))
                 return sums
 
             totals = list(zip(*chunks.map(l1_sums)))  # per pruned model: (total, kept) row sums by chunk

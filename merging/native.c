@@ -80,40 +80,45 @@ void ml_task_merge(const float *base, const float *const *models, const uint8_t 
     }
 }
 
-/* selection.TopK._scan_bracket for one chunk of non-negative values: how many exceed `high`, and
- * the values in [low, high] in stream order (the first `capacity` of them; `counts[1]` says how
- * many there were). With `track_sums`, float64 sums of all values and of those above `high`. */
-void ml_bracket_scan(const float *values, int64_t n, float low, float high, float *inside,
-                     int64_t capacity, int32_t track_sums, int64_t *counts, double *sums) {
+/* selection.TopK._scan_bracket for one chunk of non-negative values v (v = |values - base| when
+ * `base` is given): how many exceed `high`, and how many lie in [low, high]; the first `capacity`
+ * of those are copied to `inside` in stream order. With `track_sums`, float64 sums of all values
+ * and of those above `high`. */
+void ml_bracket_scan(const float *values, const float *base, int64_t n, float low, float high,
+                     float *inside, int64_t capacity, int32_t track_sums, int64_t *counts,
+                     double *sums) {
     enum { GROUP = 16 };  /* few values fall inside: test a group at once, collect rarely */
     int64_t above = 0, found = 0;
     double total = 0.0, above_sum = 0.0;
+    float v[GROUP];
     for (int64_t start = 0; start < n; start += GROUP) {
         const int64_t size = n - start < GROUP ? n - start : GROUP;
-        const float *v = values + start;
-        int32_t any = size < GROUP;
-        if (size == GROUP) {
-            int32_t group_above = 0;
-            for (int32_t i = 0; i < GROUP; i++) {
-                group_above += v[i] > high;
-                any |= (v[i] >= low) & (v[i] <= high);
-            }
-            above += group_above;
+        if (base) {
+            for (int64_t i = 0; i < size; i++) v[i] = fabsf(values[start + i] - base[start + i]);
         } else {
-            for (int64_t i = 0; i < size; i++) above += v[i] > high;
+            for (int64_t i = 0; i < size; i++) v[i] = values[start + i];
         }
-        if (!any) continue;
+        int32_t group_above = 0, group_inside = 0;
         for (int64_t i = 0; i < size; i++) {
-            if ((v[i] >= low) & (v[i] <= high)) {
-                if (found < capacity) inside[found] = v[i];
-                found++;
-            }
+            group_above += v[i] > high;
+            group_inside += (v[i] >= low) & (v[i] <= high);
         }
-    }
-    if (track_sums) {
-        for (int64_t i = 0; i < n; i++) {
-            total += values[i];
-            above_sum += values[i] > high ? values[i] : 0.0f;
+        above += group_above;
+        if (group_inside && found < capacity) {
+            for (int64_t i = 0; i < size; i++) {
+                if ((v[i] >= low) & (v[i] <= high)) {
+                    if (found < capacity) inside[found] = v[i];
+                    found++;
+                }
+            }
+        } else {
+            found += group_inside;
+        }
+        if (track_sums) {
+            for (int64_t i = 0; i < size; i++) {
+                total += v[i];
+                above_sum += v[i] > high ? v[i] : 0.0f;
+            }
         }
     }
     counts[0] = above;
@@ -149,5 +154,16 @@ void ml_bernoulli(int64_t start, int64_t n, int64_t block_size, const int64_t *s
             out[i] = z < threshold;
         }
         done += size;
+    }
+}
+
+/* The L1 sums of DARE's rescale, before summing: magnitude = |values - base| and
+ * kept = magnitude * keep (0.0 / 1.0), as methods.task_arithmetic_family's l1_sums computes them. */
+void ml_masked_magnitudes(const float *values, const float *base, const uint8_t *keep, int64_t n,
+                          float *magnitude, float *kept) {
+    for (int64_t i = 0; i < n; i++) {
+        const float m = fabsf(values[i] - base[i]);
+        magnitude[i] = m;
+        kept[i] = m * (float)keep[i];
     }
 }

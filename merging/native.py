@@ -46,9 +46,10 @@ _P = ctypes.c_void_p
 _SIGNATURES = {
     "ml_task_merge": [_P, _P, _P, _P, _P, _P, ctypes.c_int32, ctypes.c_int64, ctypes.c_int32, ctypes.c_int32,
                       ctypes.c_float, ctypes.c_float, _P],
-    "ml_bracket_scan": [_P, ctypes.c_int64, ctypes.c_float, ctypes.c_float, _P, ctypes.c_int64, ctypes.c_int32,
-                        _P, _P],
+    "ml_bracket_scan": [_P, _P, ctypes.c_int64, ctypes.c_float, ctypes.c_float, _P, ctypes.c_int64,
+                        ctypes.c_int32, _P, _P],
     "ml_bernoulli": [ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, _P, ctypes.c_int32, _P],
+    "ml_masked_magnitudes": [_P, _P, _P, ctypes.c_int64, _P, _P],
 }
 
 
@@ -147,21 +148,31 @@ def task_merge(base: Tensor, models: Sequence[Tensor], masks: Sequence[Optional[
     return out
 
 
-def bracket_scan(values: Tensor, low: float, high: float, capacity: int,
-                 track_sums: bool) -> tuple[int, Optional[Tensor], float, float]:
-    """(count above `high`, the values in [low, high] or None past `capacity`, sum, sum above `high`)."""
+def bracket_scan(values: Tensor, base: Optional[Tensor], low: float, high: float, capacity: int,
+                 track_sums: bool) -> tuple[int, int, Optional[Tensor], float, float]:
+    """Over v = values (or |values - base|): (count above `high`, count in [low, high], those values
+    in stream order or None past `capacity`, sum of v, sum of v above `high`)."""
     inside = torch.empty(min(capacity, values.numel()), dtype=torch.float32)
     counts = (ctypes.c_int64 * 2)()
     sums = (ctypes.c_double * 2)()
-    _load().ml_bracket_scan(values.data_ptr(), values.numel(), low, high, inside.data_ptr(),
-                            inside.numel(), int(track_sums), counts, sums)
-    found = counts[1]
-    return counts[0], (inside[:found].clone() if found <= capacity else None), sums[0], sums[1]
+    _load().ml_bracket_scan(values.data_ptr(), base.data_ptr() if base is not None else None, values.numel(),
+                            low, high, inside.data_ptr(), inside.numel(), int(track_sums), counts, sums)
+    above, found = counts[0], counts[1]
+    return above, found, (inside[:found].clone() if found <= capacity else None), sums[0], sums[1]
 
 
-def bernoulli(start: int, end: int, block_size: int, block_seeds: Sequence[int], threshold: int) -> Tensor:
+def bernoulli(start: int, end: int, block_size: int, block_seeds: Sequence[int], threshold: int,
+              out: Optional[Tensor] = None) -> Tensor:
     """`selection.bernoulli`'s mask for flat positions [start, end), given each block's stream seed."""
-    keep = torch.empty(end - start, dtype=torch.bool)
+    keep = out if out is not None else torch.empty(end - start, dtype=torch.bool)
     _load().ml_bernoulli(start, end - start, block_size, (ctypes.c_int64 * len(block_seeds))(*block_seeds),
                          threshold, keep.data_ptr())
     return keep
+
+
+def masked_magnitudes(values: Tensor, base: Tensor, keep: Tensor) -> tuple[Tensor, Tensor]:
+    """(|values - base|, |values - base| * keep) for a boolean `keep` shaped like them."""
+    magnitude, kept = torch.empty_like(values), torch.empty_like(values)
+    _load().ml_masked_magnitudes(values.data_ptr(), base.data_ptr(), keep.contiguous().data_ptr(), values.numel(),
+                                 magnitude.data_ptr(), kept.data_ptr())
+    return magnitude, kept

@@ -134,6 +134,12 @@ class TopK:
         self._hi = flat.kthvalue(high_rank).values.item() if high_rank <= size else math.inf
         self.stage = "bracket"
 
+    def scan_difference(self, values: Tensor, base: Tensor, offset: int = 0) -> Part:
+        """`scan` of the magnitudes |values - base|, without building them where the fused loops can."""
+        if self.stage == "bracket" and native.fits(values, base):
+            return self._scan_bracket_fused(values.reshape(-1), base.reshape(-1), offset)
+        return self.scan((values - base).abs_(), offset)
+
     def scan(self, magnitudes: Tensor, offset: int = 0) -> Part:
         """The part of the current pass for one chunk, which starts at flat position `offset`."""
         magnitudes = magnitudes.float().reshape(-1)
@@ -176,11 +182,20 @@ class TopK:
 
     # -- one pass with a bracket --------------------------------------------------------------
 
+    def _scan_bracket_fused(self, values: Tensor, base: Optional[Tensor], offset: int) -> Part:
+        collect = self._lo != self._hi  # else everything inside equals the bound: counting is enough
+        above, found, inside, total_sum, above_sum = native.bracket_scan(
+            values, base, self._lo, self._hi, self._inside_limit(values.numel()) if collect else 0, self.track_sums)
+        part = Part(offset, above=above, total_sum=total_sum, above_sum=above_sum)
+        if collect:
+            part.inside = inside
+        else:
+            part.at_least = above + found
+        return part
+
     def _scan_bracket(self, magnitudes: Tensor, offset: int) -> Part:
-        if self._lo != self._hi and native.fits(magnitudes):
-            above, inside, total_sum, above_sum = native.bracket_scan(
-                magnitudes, self._lo, self._hi, self._inside_limit(magnitudes.numel()), self.track_sums)
-            return Part(offset, above=above, inside=inside, total_sum=total_sum, above_sum=above_sum)
+        if native.fits(magnitudes):
+            return self._scan_bracket_fused(magnitudes, None, offset)
         # Counting non-zeros of a hardshrink beats comparing: boolean tensors are slow on CPU.
         part = Part(offset, above=_count_above(magnitudes, self._hi))
         if self.track_sums:
@@ -394,15 +409,20 @@ def uniform(seed: int, start: int, end: int, device: torch.device) -> Tensor:
     return _blocks(seed, start, end, device, lambda bits: (bits >> 7).to(torch.float32).mul_(1.0 / (1 << 24)))
 
 
-def bernoulli(seed: int, probability: float, start: int, end: int, device: torch.device) -> Tensor:
-    """``uniform(seed, start, end) < probability`` without the floats: one integer comparison per draw."""
+def bernoulli(seed: int, probability: float, start: int, end: int, device: torch.device,
+              out: Optional[Tensor] = None) -> Tensor:
+    """``uniform(seed, start, end) < probability`` without the floats: one integer comparison per draw.
+
+    Written into `out` (a flat boolean tensor of end - start entries on `device`) when given."""
     # u = (bits >> 7) / 2**24 < p (compared in float32, as torch does) <=> bits < ceil(p32 * 2**24) * 2**7
     p32 = float(torch.tensor(probability, dtype=torch.float32))
     cut = math.ceil(p32 * (1 << 24))
-    if cut >= 1 << 24:
-        return torch.ones(end - start, dtype=torch.bool, device=device)
     threshold = max(cut, 0) << 7
-    if device.type == "cpu" and native.available():
+    if cut < 1 << 24 and device.type == "cpu" and (out is None or out.is_contiguous()) and native.available():
         seeds = [stream_seed(seed, block) for block in range(start // RNG_BLOCK, (end - 1) // RNG_BLOCK + 1)]
-        return native.bernoulli(start, end, RNG_BLOCK, seeds, threshold)
-    return _blocks(seed, start, end, device, lambda bits: bits < threshold)
+        return native.bernoulli(start, end, RNG_BLOCK, seeds, threshold, out)
+    if cut >= 1 << 24:
+        keep = torch.ones(end - start, dtype=torch.bool, device=device)
+    else:
+        keep = _blocks(seed, start, end, device, lambda bits: bits < threshold)
+    return keep if out is None else out.copy_(keep)
