@@ -82,14 +82,11 @@ void ml_task_merge(const float *base, const float *const *models, const uint8_t 
 
 /* selection.TopK._scan_bracket for one chunk of non-negative values v (v = |values - base| when
  * `base` is given): how many exceed `high`, and how many lie in [low, high]; the first `capacity`
- * of those are copied to `inside` in stream order. With `track_sums`, float64 sums of all values
- * and of those above `high`. */
+ * of those are copied to `inside` in stream order. */
 void ml_bracket_scan(const float *values, const float *base, int64_t n, float low, float high,
-                     float *inside, int64_t capacity, int32_t track_sums, int64_t *counts,
-                     double *sums) {
+                     float *inside, int64_t capacity, int64_t *counts) {
     enum { GROUP = 16 };  /* few values fall inside: test a group at once, collect rarely */
     int64_t above = 0, found = 0;
-    double total = 0.0, above_sum = 0.0;
     float v[GROUP];
     for (int64_t start = 0; start < n; start += GROUP) {
         const int64_t size = n - start < GROUP ? n - start : GROUP;
@@ -114,17 +111,9 @@ void ml_bracket_scan(const float *values, const float *base, int64_t n, float lo
         } else {
             found += group_inside;
         }
-        if (track_sums) {
-            for (int64_t i = 0; i < size; i++) {
-                total += v[i];
-                above_sum += v[i] > high ? v[i] : 0.0f;
-            }
-        }
     }
     counts[0] = above;
     counts[1] = found;
-    sums[0] = total;
-    sums[1] = above_sum;
 }
 
 /* selection.bernoulli: keep[p] = hash(p) < threshold for flat positions [start, start + n), with

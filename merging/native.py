@@ -6,8 +6,8 @@ fused loop does per op-free element. `native.c` does the same work in one loop p
 the intermediates in registers (measured ~4x faster per element on a 2-core VM).
 
 The loops mirror the torch code in `methods` and `selection` operation by operation, so results
-are bit-identical with or without them (the tests compare both); only float64 sums kept for L1
-rescaling (TopK with `track_sums`) may differ in the last bits, as they add in another order.
+are bit-identical with or without them (the tests compare both). Sums stay in torch: a loop
+would add in another order and round differently.
 
 They are compiled with the system C compiler (``$CC``, else ``cc``) into
 ``$MERGELINE_CACHE`` (default ``~/.cache/mergeline``) the first time a merge needs them, for this
@@ -46,8 +46,7 @@ _P = ctypes.c_void_p
 _SIGNATURES = {
     "ml_task_merge": [_P, _P, _P, _P, _P, _P, ctypes.c_int32, ctypes.c_int64, ctypes.c_int32, ctypes.c_int32,
                       ctypes.c_float, ctypes.c_float, _P],
-    "ml_bracket_scan": [_P, _P, ctypes.c_int64, ctypes.c_float, ctypes.c_float, _P, ctypes.c_int64,
-                        ctypes.c_int32, _P, _P],
+    "ml_bracket_scan": [_P, _P, ctypes.c_int64, ctypes.c_float, ctypes.c_float, _P, ctypes.c_int64, _P],
     "ml_bernoulli": [ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, _P, ctypes.c_int32, _P],
     "ml_masked_magnitudes": [_P, _P, _P, ctypes.c_int64, _P, _P],
 }
@@ -148,17 +147,16 @@ def task_merge(base: Tensor, models: Sequence[Tensor], masks: Sequence[Optional[
     return out
 
 
-def bracket_scan(values: Tensor, base: Optional[Tensor], low: float, high: float, capacity: int,
-                 track_sums: bool) -> tuple[int, int, Optional[Tensor], float, float]:
+def bracket_scan(values: Tensor, base: Optional[Tensor], low: float, high: float,
+                 capacity: int) -> tuple[int, int, Optional[Tensor]]:
     """Over v = values (or |values - base|): (count above `high`, count in [low, high], those values
-    in stream order or None past `capacity`, sum of v, sum of v above `high`)."""
+    in stream order, or None past `capacity`)."""
     inside = torch.empty(min(capacity, values.numel()), dtype=torch.float32)
     counts = (ctypes.c_int64 * 2)()
-    sums = (ctypes.c_double * 2)()
     _load().ml_bracket_scan(values.data_ptr(), base.data_ptr() if base is not None else None, values.numel(),
-                            low, high, inside.data_ptr(), inside.numel(), int(track_sums), counts, sums)
+                            low, high, inside.data_ptr(), inside.numel(), counts)
     above, found = counts[0], counts[1]
-    return above, found, (inside[:found].clone() if found <= capacity else None), sums[0], sums[1]
+    return above, found, (inside[:found].clone() if found <= capacity else None)
 
 
 def bernoulli(start: int, end: int, block_size: int, block_seeds: Sequence[int], threshold: int,

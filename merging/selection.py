@@ -136,7 +136,7 @@ class TopK:
 
     def scan_difference(self, values: Tensor, base: Tensor, offset: int = 0) -> Part:
         """`scan` of the magnitudes |values - base|, without building them where the fused loops can."""
-        if self.stage == "bracket" and native.fits(values, base):
+        if self.stage == "bracket" and not self.track_sums and native.fits(values, base):
             return self._scan_bracket_fused(values.reshape(-1), base.reshape(-1), offset)
         return self.scan((values - base).abs_(), offset)
 
@@ -184,9 +184,9 @@ class TopK:
 
     def _scan_bracket_fused(self, values: Tensor, base: Optional[Tensor], offset: int) -> Part:
         collect = self._lo != self._hi  # else everything inside equals the bound: counting is enough
-        above, found, inside, total_sum, above_sum = native.bracket_scan(
-            values, base, self._lo, self._hi, self._inside_limit(values.numel()) if collect else 0, self.track_sums)
-        part = Part(offset, above=above, total_sum=total_sum, above_sum=above_sum)
+        above, found, inside = native.bracket_scan(
+            values, base, self._lo, self._hi, self._inside_limit(values.numel()) if collect else 0)
+        part = Part(offset, above=above)
         if collect:
             part.inside = inside
         else:
@@ -194,7 +194,7 @@ class TopK:
         return part
 
     def _scan_bracket(self, magnitudes: Tensor, offset: int) -> Part:
-        if native.fits(magnitudes):
+        if not self.track_sums and native.fits(magnitudes):  # sums stay in torch: same rounding
             return self._scan_bracket_fused(magnitudes, None, offset)
         # Counting non-zeros of a hardshrink beats comparing: boolean tensors are slow on CPU.
         part = Part(offset, above=_count_above(magnitudes, self._hi))
