@@ -510,22 +510,26 @@ def task_arithmetic_family(sparsify: Optional[Sparsify], consensus: bool) -> Cal
                 return drawn[pruned.index(i), offset:offset + like.numel()].view(like.shape)
             return random_keep(seeds[i], density[i], like, offset)
 
+        def pruning(i: int, like: Tensor, offset: int) -> tuple[Optional[Tensor], Optional[float]]:
+            """Model i's pruning of the chunk at `offset` (magnitude or random): a keep-mask or None,
+            and a bound that keeps |delta| > bound (-inf all, inf none; None: only `TopK.prune` can,
+            in the chunk that cuts through the ties at the threshold)."""
+            if sparsify is Sparsify.MAGNITUDE and density[i] <= 0:
+                return None, math.inf
+            if sparsify is Sparsify.MAGNITUDE and selectors[i] is not None:
+                return None, selectors[i].bound(offset)
+            if sparsify is Sparsify.RANDOM and 0 < density[i] < 1:
+                return keep_mask(i, like, offset), -math.inf
+            return None, -math.inf
+
         def fused(base: Tensor, models: list[Tensor], offset: int) -> Optional[Tensor]:
             """The kernel as one native loop, when the inputs and every model's pruning allow."""
             if not models or sparsify not in (None, Sparsify.MAGNITUDE, Sparsify.RANDOM) \
                     or not native.fits(base, *models):
                 return None
-            masks: list[Optional[Tensor]] = [None] * count
-            bounds = [-math.inf] * count
-            for i in range(count):
-                if sparsify is Sparsify.MAGNITUDE and density[i] <= 0:
-                    bounds[i] = math.inf
-                elif sparsify is Sparsify.MAGNITUDE and selectors[i] is not None:
-                    bounds[i] = selectors[i].bound(offset)
-                    if bounds[i] is None:  # the chunk that cuts through the ties at the threshold
-                        return None
-                elif sparsify is Sparsify.RANDOM and 0 < density[i] < 1:
-                    masks[i] = keep_mask(i, base, offset)
+            masks, bounds = zip(*(pruning(i, base, offset) for i in range(count)))
+            if None in bounds:
+                return None
             return native.task_merge(base, models, masks, bounds, factors, weight, consensus=consensus,
                                      normalize=normalize, scale=scale)
 
@@ -536,16 +540,19 @@ def task_arithmetic_family(sparsify: Optional[Sparsify], consensus: bool) -> Cal
             deltas = []
             for i, model in enumerate(models):
                 delta = model - base
-                if density[i] <= 0 and sparsify in (Sparsify.MAGNITUDE, Sparsify.RANK):
-                    delta.zero_()
-                elif sparsify is Sparsify.MAGNITUDE and selectors[i] is not None:
-                    delta = selectors[i].prune(delta, offset)
-                elif sparsify is Sparsify.RANDOM and 0 < density[i] < 1:
-                    delta *= keep_mask(i, delta, offset)
-                elif sparsify is Sparsify.OUTLIERS:
+                if sparsify is Sparsify.OUTLIERS:
                     delta = outlier_prune(delta, density[i], gamma[i], rescale)
                 elif sparsify is Sparsify.RANK:
-                    delta = rank_prune(delta, density[i], epsilon[i], rescale, seeds[i])
+                    delta = rank_prune(delta, density[i], epsilon[i], rescale, seeds[i]) if density[i] > 0 \
+                        else delta.zero_()
+                else:
+                    mask, bound = pruning(i, delta, offset)
+                    if mask is not None:
+                        delta *= mask
+                    if bound == math.inf:
+                        delta.zero_()
+                    elif bound != -math.inf:
+                        delta = selectors[i].prune(delta, offset)
                 if factors[i] != 1.0:
                     delta *= factors[i]
                 deltas.append(delta)

@@ -93,6 +93,8 @@ def _build() -> Path:
 
 def _load() -> Optional[ctypes.CDLL]:
     global _library, _loaded
+    if _loaded:  # every chunk asks, from every worker: no lock once settled
+        return _library
     with _lock:
         if _loaded:
             return _library

@@ -418,11 +418,11 @@ def bernoulli(seed: int, probability: float, start: int, end: int, device: torch
     p32 = float(torch.tensor(probability, dtype=torch.float32))
     cut = math.ceil(p32 * (1 << 24))
     threshold = max(cut, 0) << 7
-    if cut < 1 << 24 and device.type == "cpu" and (out is None or out.is_contiguous()) and native.available():
-        seeds = [stream_seed(seed, block) for block in range(start // RNG_BLOCK, (end - 1) // RNG_BLOCK + 1)]
-        return native.bernoulli(start, end, RNG_BLOCK, seeds, threshold, out)
     if cut >= 1 << 24:
         keep = torch.ones(end - start, dtype=torch.bool, device=device)
+    elif device.type == "cpu" and (out is None or out.is_contiguous()) and native.available():
+        seeds = [stream_seed(seed, block) for block in range(start // RNG_BLOCK, (end - 1) // RNG_BLOCK + 1)]
+        return native.bernoulli(start, end, RNG_BLOCK, seeds, threshold, out)
     else:
         keep = _blocks(seed, start, end, device, lambda bits: bits < threshold)
     return keep if out is None else out.copy_(keep)
