@@ -402,8 +402,7 @@ def combine_deltas(base: Tensor, deltas: list[Tensor], weight: list[float], cons
     if not consensus:
         mixed = _weighted_sum(deltas, weight)
         if normalize:
-            divisor = sum(weight)
-            mixed /= divisor if abs(divisor) >= 1e-8 else 1.0
+            mixed /= weight_divisor(weight)
     else:
         total, magnitude = torch.zeros_like(base), torch.zeros_like(base)
         signed, support = (torch.zeros_like(base), torch.zeros_like(base)) if normalize else (None, None)
@@ -424,6 +423,12 @@ def combine_deltas(base: Tensor, deltas: list[Tensor], weight: list[float], cons
     if scale != 1:
         mixed *= scale
     return mixed.add_(base)
+
+
+def weight_divisor(weight: list[float]) -> float:
+    """What normalizing divides a plain weighted sum by: the weights' sum, 1 when they cancel out (as mergekit)."""
+    total = sum(weight)
+    return total if abs(total) >= 1e-8 else 1.0
 
 
 def _weighted_sum(tensors: list[Tensor], weights: Optional[list[float]] = None) -> Tensor:
@@ -531,7 +536,7 @@ def task_arithmetic_family(sparsify: Optional[Sparsify], consensus: bool) -> Cal
             if None in bounds:
                 return None
             return native.task_merge(base, models, masks, bounds, factors, weight, consensus=consensus,
-                                     normalize=normalize, scale=scale)
+                                     normalize=normalize, divisor=weight_divisor(weight), scale=scale)
 
         def kernel(base: Tensor, models: list[Tensor], offset: int) -> Tensor:
             merged = fused(base, models, offset)

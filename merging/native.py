@@ -133,19 +133,17 @@ def _floats(values: Sequence[float]) -> ctypes.Array:
 
 def task_merge(base: Tensor, models: Sequence[Tensor], masks: Sequence[Optional[Tensor]], bounds: Sequence[float],
                factors: Sequence[float], weights: Sequence[float], *, consensus: bool, normalize: bool,
-               scale: float) -> Tensor:
+               divisor: float, scale: float) -> Tensor:
     """`methods.combine_deltas` over deltas `(model - base) * mask`, hardshrunk at `bounds`, times `factors`.
 
     A bound of -inf keeps every entry, +inf none; masks are boolean tensors shaped like the base
-    (or None). Everything must `fit`.
+    (or None). `divisor` normalizes a sum without sign election. Everything must `fit`.
     """
     out = torch.empty_like(base)
     masks = [m.contiguous() if m is not None else None for m in masks]
-    divisor = sum(weights)
     _load().ml_task_merge(
         base.data_ptr(), _pointers(models), _pointers(masks), _floats(bounds), _floats(factors), _floats(weights),
-        len(models), base.numel(), int(consensus), int(normalize), divisor if abs(divisor) >= 1e-8 else 1.0,
-        scale, out.data_ptr())
+        len(models), base.numel(), int(consensus), int(normalize), divisor, scale, out.data_ptr())
     return out
 
 
