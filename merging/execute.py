@@ -41,9 +41,13 @@ log = logging.getLogger("mergeline")
 
 ProgressFn = Callable[[int, int, str], None]  # (tensors done, total, current tensor name)
 CHUNK_ELEMENTS = 1 << 18  # row chunks of 1 MB float32 per input: a working set that stays in cache
+# On a GPU a chunk pays a transfer and a dozen kernel launches; 16 MB float32 per input amortizes them.
+CUDA_CHUNK_ELEMENTS = 1 << 22
 # Methods with whole-tensor passes keep a tensor's inputs (as stored) between passes when they
 # take at most this much, so each byte is read once; larger tensors are read again instead.
+# A GPU keeps them in its own memory, so they also cross the bus once.
 KEEP_INPUT_BYTES = 1 << 29
+CUDA_KEEP_INPUT_BYTES = 1 << 32
 
 
 @dataclass(frozen=True)
@@ -199,15 +203,21 @@ class _Merger:
         """`tensor`'s inputs read whole, once, for methods with whole-tensor passes, when they take at
         most KEEP_INPUT_BYTES (None otherwise: larger ones are read again on every pass). One buffer
         per input, not one per chunk: chunk buffers kept between passes would pin the heap pages
-        around them."""
-        return self.read_inputs(tensor) if self.plan.input_bytes(tensor) <= KEEP_INPUT_BYTES else None
+        around them. On a GPU they are held there, as stored."""
+        on_gpu = self.device.type == "cuda"
+        if self.plan.input_bytes(tensor) > (CUDA_KEEP_INPUT_BYTES if on_gpu else KEEP_INPUT_BYTES):
+            return None
+        if not on_gpu:
+            return self.read_inputs(tensor)
+        return [self.reader(model).read(name).to(self.device) for model, name in tensor.inputs]
 
     def row_ranges(self, tensor: PlannedTensor) -> list[Optional[tuple[int, int]]]:
         shape = tensor.out.shape
+        chunk = CUDA_CHUNK_ELEMENTS if self.device.type == "cuda" else CHUNK_ELEMENTS
         if (not self.plan.method.chunkable or tensor.rows is not None or not shape
-                or tensor.out.numel <= CHUNK_ELEMENTS or not tensor.floating):
+                or tensor.out.numel <= chunk or not tensor.floating):
             return [None]
-        step = max(1, CHUNK_ELEMENTS // tensor.out.row_elements)
+        step = max(1, chunk // tensor.out.row_elements)
         return [(start, min(start + step, shape[0])) for start in range(0, shape[0], step)]
 
     def to_compute(self, tensor: PlannedTensor, inputs: list[torch.Tensor]):
@@ -219,8 +229,8 @@ class _Merger:
             t.dtype == torch.float64 for t in inputs)
         compute = torch.float64 if wide else torch.float32
         # Cast to the config's dtype first (as mergekit loads them), then widen for the arithmetic.
-        work = [(t.to(config_dtype) if config_dtype else t).to(self.device, compute, non_blocking=True)
-                for t in inputs]
+        # The move comes before the widening: a GPU receives the stored bytes and widens them itself.
+        work = [(t.to(config_dtype) if config_dtype else t).to(self.device).to(compute) for t in inputs]
         base = work[tensor.base] if tensor.base is not None else None
         return base, [t for k, t in enumerate(work) if k != tensor.base]
 
@@ -245,7 +255,7 @@ class _Merger:
         del inputs
         result = kernel(base, others, _flat_offset(tensor, rows))
         _check_finite(tensor, result)
-        return result.to("cpu", tensor.out.dtype)
+        return result.to(tensor.out.dtype).to("cpu")  # narrowed where it was computed: fewer bytes to move
 
     def close(self) -> None:
         self.workers.close()

@@ -255,6 +255,25 @@ def test_results_do_not_depend_on_the_worker_threads(method, params, llama, tmp_
     assert all(torch.equal(inline[k], threads[k]) for k in inline)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("method, params", [
+    ("dare_ties", "weight: 0.5, density: 0.3"), ("dare_linear", "weight: 0.5, density: 0.6"),
+    ("breadcrumbs_ties", "weight: 0.5, density: 0.6, gamma: 0.1"), ("della", "weight: 0.5, density: 0.4, epsilon: 0.1"),
+])
+def test_a_gpu_draws_what_the_cpu_draws(method, params, llama, tmp_path, monkeypatch):
+    base, ft1, ft2 = llama.base(), llama.finetune(1), llama.finetune(2)
+    text = (f"merge_method: {method}\nbase_model: {base}\nmodels:\n  - {{model: {base}}}\n"
+            f"  - {{model: {ft1}, parameters: {{{params}}}}}\n  - {{model: {ft2}, parameters: {{{params}}}}}\n"
+            f"dtype: float32\n")
+    monkeypatch.setattr(execute_module, "CHUNK_ELEMENTS", 100)
+    monkeypatch.setattr(execute_module, "CUDA_CHUNK_ELEMENTS", 100)
+    run_merge(parse_config(text), tmp_path / "cpu", options=MergeOptions(seed=3))
+    run_merge(parse_config(text), tmp_path / "cuda", options=MergeOptions(seed=3, device="cuda"))
+    cpu, cuda = load_state(tmp_path / "cpu"), load_state(tmp_path / "cuda")
+    for name in cpu:  # the same kept entries; float32 arithmetic may round differently on the GPU
+        torch.testing.assert_close(cuda[name], cpu[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_a_failing_chunk_leaves_no_output(llama, tmp_path, monkeypatch):
     base, ft1 = llama.base(), llama.finetune(1)
     text = (f"merge_method: linear\nmodels:\n  - {{model: {base}, parameters: {{weight: 1.0}}}}\n"

@@ -16,10 +16,11 @@ from safetensors.torch import load_file, save_file
 
 from golden.make_golden import CONFIG, MODELS
 from merging import execute as execute_module
-from merging import parse_config, run_merge
+from merging import MergeOptions, parse_config, run_merge
 from tiny_models import load_state
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))]
 CASES = yaml.safe_load((GOLDEN / "cases.yml").read_text())
 
 
@@ -35,13 +36,15 @@ def golden_models(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("chunk_elements", [None, 40], ids=["whole", "chunked"])
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_matches_mergekit(case, chunk_elements, golden_models, tmp_path, monkeypatch):
+def test_matches_mergekit(case, chunk_elements, device, golden_models, tmp_path, monkeypatch):
     if chunk_elements:  # stream tensors in chunks of a few rows: every chunk boundary must be seamless
         monkeypatch.setattr(execute_module, "CHUNK_ELEMENTS", chunk_elements)
+        monkeypatch.setattr(execute_module, "CUDA_CHUNK_ELEMENTS", chunk_elements)
     text = yaml.safe_dump(CASES[case]).replace("MODELS/", f"{golden_models}/")
-    run_merge(parse_config(text), tmp_path / "out")
+    run_merge(parse_config(text), tmp_path / "out", options=MergeOptions(device=device))
     ours = load_state(tmp_path / "out")
     expected = load_file(str(GOLDEN / f"{case}.safetensors"))
     assert set(ours) == set(expected)
