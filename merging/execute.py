@@ -17,6 +17,7 @@ import ctypes
 import hashlib
 import json
 import logging
+import math
 import os
 import platform
 import shutil
@@ -209,7 +210,20 @@ class _Merger:
             return None
         if not on_gpu:
             return self.read_inputs(tensor)
-        return [self.reader(model).read(name).to(self.device) for model, name in tensor.inputs]
+        # Copied in row slices by the workers: reads run side by side, and slices small enough for
+        # the heap to reuse their buffers never fault in fresh pages.
+        headers = [self.plan.models[model].tensors[name] for model, name in tensor.inputs]
+        held = [torch.empty(h.shape, dtype=h.dtype, device=self.device) for h in headers]
+
+        def copy(piece: tuple[int, Optional[tuple[int, int]]]) -> None:
+            k, rows = piece
+            model, name = tensor.inputs[k]
+            (held[k] if rows is None else held[k][rows[0]:rows[1]]).copy_(self.reader(model).read(name, rows))
+
+        pieces = [(k, rows) for k, h in enumerate(headers) for rows in _row_slices(h.shape, h.dtype.itemsize)]
+        for _ in self.workers.map(copy, pieces):
+            pass
+        return held
 
     def row_ranges(self, tensor: PlannedTensor) -> list[Optional[tuple[int, int]]]:
         shape = tensor.out.shape
@@ -295,6 +309,15 @@ class _TensorChunks:
         base = torch.cat([b for b, _ in parts]) if parts[0][0] is not None else None
         others = [torch.cat([o[i] for _, o in parts]) for i in range(len(parts[0][1]))]
         return base, others
+
+
+def _row_slices(shape: tuple[int, ...], itemsize: int, max_bytes: int = 1 << 24) -> list[Optional[tuple[int, int]]]:
+    """Row ranges of at most `max_bytes` each covering a tensor of `shape` ([None]: read it whole)."""
+    row_bytes = math.prod(shape[1:]) * itemsize if shape else 0
+    if not shape or not row_bytes or shape[0] * row_bytes <= max_bytes:
+        return [None]
+    step = max(1, max_bytes // row_bytes)
+    return [(start, min(start + step, shape[0])) for start in range(0, shape[0], step)]
 
 
 def _flat_offset(tensor: PlannedTensor, rows: Optional[tuple[int, int]]) -> int:
