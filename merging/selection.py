@@ -369,21 +369,26 @@ def _int32(value: int) -> int:
 _MIX1, _MIX2 = _int32(0x85EBCA6B), _int32(0xC2B2AE35)
 
 
-_POSITIONS: dict[torch.device, Tensor] = {}
-
-
-def _block_hash(block_seed: int, first: int, last: int, device: torch.device) -> Tensor:
-    """31 random bits (a non-negative int32) for each position in [first, last) of one block.
+def _block_hash(block_seeds: list[int], start: int, end: int, device: torch.device) -> Tensor:
+    """31 random bits (a non-negative int32) for each flat position in [start, end), drawn from the
+    RNG blocks it spans, block b seeded by ``block_seeds[b - start // RNG_BLOCK]``.
 
     A counter-based hash instead of `torch.rand`: CPU generators are serial and cost several
     times more per draw, and any slice of a block can be drawn without drawing the rest.
     Integer arithmetic wraps identically on every device, so CPU and CUDA draw the same values.
+    All blocks are hashed in one set of operations, so a GPU draws a chunk in a dozen launches.
     """
-    positions = _POSITIONS.get(device)
-    if positions is None:
-        positions = _POSITIONS[device] = torch.arange(RNG_BLOCK, dtype=torch.int32, device=device)
-    z = positions[first:last] * (_int32(block_seed) | 1)  # a seeded odd multiplier and offset
-    z += _int32(block_seed >> 32)
+    origin = start // RNG_BLOCK * RNG_BLOCK
+    spans = [min(end, origin + (b + 1) * RNG_BLOCK) - max(start, origin + b * RNG_BLOCK) for b in range(len(block_seeds))]
+
+    def per_position(values: list[int]) -> Tensor:
+        per_block = torch.tensor(values, dtype=torch.int32).to(device)
+        return per_block.expand(spans[0]) if len(spans) == 1 else per_block.repeat_interleave(
+            torch.tensor(spans).to(device), output_size=end - start)
+
+    within = torch.arange(start - origin, end - origin, dtype=torch.int32, device=device) & (RNG_BLOCK - 1)
+    z = within * per_position([_int32(s) | 1 for s in block_seeds])  # a seeded odd multiplier and offset
+    z += per_position([_int32(s >> 32) for s in block_seeds])
     # MurmurHash3's finalizer with arithmetic shifts (torch has no unsigned int32): each
     # xor-shift clears bit 31, so the result is never negative.
     z ^= z >> 16
@@ -394,19 +399,14 @@ def _block_hash(block_seed: int, first: int, last: int, device: torch.device) ->
     return z
 
 
-def _blocks(seed: int, start: int, end: int, device: torch.device, draw) -> Tensor:
-    parts = []
-    for block in range(start // RNG_BLOCK, (end - 1) // RNG_BLOCK + 1):
-        origin = block * RNG_BLOCK
-        bits = _block_hash(stream_seed(seed, block), max(start, origin) - origin, min(end, origin + RNG_BLOCK) - origin,
-                           device)
-        parts.append(draw(bits))
-    return parts[0] if len(parts) == 1 else torch.cat(parts)
+def _block_seeds(seed: int, start: int, end: int) -> list[int]:
+    return [stream_seed(seed, block) for block in range(start // RNG_BLOCK, (end - 1) // RNG_BLOCK + 1)]
 
 
 def uniform(seed: int, start: int, end: int, device: torch.device) -> Tensor:
     """Uniform [0, 1) float32 draws (24 bits) for flat positions [start, end) of the stream `seed`, however split."""
-    return _blocks(seed, start, end, device, lambda bits: (bits >> 7).to(torch.float32).mul_(1.0 / (1 << 24)))
+    bits = _block_hash(_block_seeds(seed, start, end), start, end, device)
+    return (bits >> 7).to(torch.float32).mul_(1.0 / (1 << 24))
 
 
 def bernoulli(seed: int, probability: float, start: int, end: int, device: torch.device,
@@ -421,8 +421,7 @@ def bernoulli(seed: int, probability: float, start: int, end: int, device: torch
     if cut >= 1 << 24:
         keep = torch.ones(end - start, dtype=torch.bool, device=device)
     elif device.type == "cpu" and (out is None or out.is_contiguous()) and native.available():
-        seeds = [stream_seed(seed, block) for block in range(start // RNG_BLOCK, (end - 1) // RNG_BLOCK + 1)]
-        return native.bernoulli(start, end, RNG_BLOCK, seeds, threshold, out)
+        return native.bernoulli(start, end, RNG_BLOCK, _block_seeds(seed, start, end), threshold, out)
     else:
-        keep = _blocks(seed, start, end, device, lambda bits: bits < threshold)
+        keep = _block_hash(_block_seeds(seed, start, end), start, end, device) < threshold
     return keep if out is None else out.copy_(keep)
