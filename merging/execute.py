@@ -7,8 +7,10 @@ passes (TIES thresholds, SLERP angles, DARE rescale sums) map over the chunks on
 and each tensor's merge jobs queue behind the previous tensor's, so passes and merges overlap.
 Memory is bounded by the chunks in flight plus the inputs (and DARE masks) one tensor keeps
 between its passes. Methods that need whole tensors run one tensor at a time with every torch
-thread. The checkpoint is built in a temporary directory beside the output and renamed into place
-only when everything, side files included, has been written.
+thread. On a GPU the chunks are larger, inputs cross the bus as stored and are widened there,
+and a tensor's inputs held between passes stay in GPU memory. The checkpoint is built in a
+temporary directory beside the output and renamed into place only when everything, side files
+included, has been written.
 """
 
 from __future__ import annotations
