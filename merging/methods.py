@@ -519,8 +519,8 @@ def task_arithmetic_family(sparsify: Optional[Sparsify], consensus: bool) -> Cal
             """Model i's pruning of the chunk at `offset` (magnitude or random): a keep-mask or None,
             and a bound that keeps |delta| > bound (-inf all, inf none; None: only `TopK.prune` can,
             in the chunk that cuts through the ties at the threshold)."""
-            if sparsify is Sparsify.MAGNITUDE and density[i] <= 0:
-                return None, math.inf
+            if sparsify in (Sparsify.MAGNITUDE, Sparsify.RANDOM) and density[i] <= 0:
+                return None, math.inf  # nothing kept, as mergekit's empty mask keeps nothing
             if sparsify is Sparsify.MAGNITUDE and selectors[i] is not None:
                 return None, selectors[i].bound(offset)
             if sparsify is Sparsify.RANDOM and 0 < density[i] < 1:

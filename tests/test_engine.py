@@ -255,6 +255,26 @@ def test_results_do_not_depend_on_the_worker_threads(method, params, llama, tmp_
     assert all(torch.equal(inline[k], threads[k]) for k in inline)
 
 
+@pytest.mark.parametrize("random_method, magnitude_method", [("dare_ties", "ties"), ("dare_linear", "task_arithmetic")])
+def test_density_zero_drops_a_whole_delta_and_one_keeps_it_in_random_pruning(random_method, magnitude_method, llama,
+                                                                              tmp_path):
+    # At densities 0 and 1 random and magnitude pruning agree: mergekit's all-empty and all-full masks.
+    base, ft1, ft2 = llama.base(), llama.finetune(1), llama.finetune(2)
+    models = (f"models:\n  - {{model: {ft1}, parameters: {{weight: 0.6, density: 0.0}}}}\n"
+              f"  - {{model: {ft2}, parameters: {{weight: 0.4, density: 1.0}}}}\nparameters: {{normalize: false}}\n")
+    random_text = f"merge_method: {random_method}\nbase_model: {base}\n{models}"
+    run_merge(parse_config(random_text), tmp_path / "random", options=MergeOptions(seed=3))
+    if magnitude_method == "ties":
+        run_merge(parse_config(f"merge_method: ties\nbase_model: {base}\n{models}"), tmp_path / "magnitude")
+    else:  # task arithmetic has no density: the dropped model weighs nothing
+        run_merge(parse_config(f"merge_method: task_arithmetic\nbase_model: {base}\nmodels:\n"
+                               f"  - {{model: {ft1}, parameters: {{weight: 0.0}}}}\n"
+                               f"  - {{model: {ft2}, parameters: {{weight: 0.4}}}}\nparameters: {{normalize: false}}\n"),
+                  tmp_path / "magnitude")
+    random_state, magnitude_state = load_state(tmp_path / "random"), load_state(tmp_path / "magnitude")
+    assert all(torch.equal(random_state[k], magnitude_state[k]) for k in random_state)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 @pytest.mark.parametrize("method, params", [
     ("dare_ties", "weight: 0.5, density: 0.3"), ("dare_linear", "weight: 0.5, density: 0.6"),
