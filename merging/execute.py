@@ -19,7 +19,6 @@ import ctypes
 import hashlib
 import json
 import logging
-import math
 import os
 import platform
 import shutil
@@ -37,7 +36,7 @@ from . import card as card_stage
 from .chat_templates import resolve_chat_template
 from .errors import MergeError
 from .plan import MergePlan, PlannedTensor
-from .safetensors_io import ShardedWriter
+from .safetensors_io import ShardedWriter, TensorHeader
 from .sources import TOKENIZER_FILES
 
 log = logging.getLogger("mergeline")
@@ -209,27 +208,33 @@ class _Merger:
         if self.plan.input_bytes(tensor) > (CUDA_KEEP_INPUT_BYTES if on_gpu else KEEP_INPUT_BYTES):
             return None
         headers = [self.plan.models[model].tensors[name] for model, name in tensor.inputs]
-        if not on_gpu:
-            chunk_rows = ranges[0][1] - ranges[0][0] if ranges[0] is not None else None
-            slab_rows = _slab_rows(chunk_rows, [h.nbytes // h.shape[0] for h in headers if h.shape and h.shape[0]])
-            if slab_rows is None:
-                return _HeldInputs([[t] for t in self.read_inputs(tensor)], None)
-            slabs = [[self.reader(model).read(name, (start, min(start + slab_rows, h.shape[0])))
-                      for start in range(0, h.shape[0], slab_rows)] for (model, name), h in zip(tensor.inputs, headers)]
-            return _HeldInputs(slabs, slab_rows)
-        # On a GPU, whole: copied in row slices by the workers, side by side, through buffers small
-        # enough for the heap to reuse.
+        if on_gpu:
+            return _HeldInputs([[t] for t in self._copy_to_device(tensor, headers)], None)
+        if ranges[0] is None:
+            return _HeldInputs([[t] for t in self.read_inputs(tensor)], None)
+        # In slabs of whole chunks (a chunk is then a view of one slab).
+        step = _slab_rows(max(h.nbytes // h.shape[0] for h in headers), multiple=ranges[0][1] - ranges[0][0])
+        return _HeldInputs([[self.reader(model).read(name, rows) for rows in _row_ranges(h.shape[0], step)]
+                            for (model, name), h in zip(tensor.inputs, headers)], step)
+
+    def _copy_to_device(self, tensor: PlannedTensor, headers: list[TensorHeader]) -> list[torch.Tensor]:
+        """`tensor`'s inputs on the GPU, as stored, copied in slabs by the workers side by side."""
         held = [torch.empty(h.shape, dtype=h.dtype, device=self.device) for h in headers]
 
-        def copy(piece: tuple[int, Optional[tuple[int, int]]]) -> None:
+        def copy(piece: tuple[int, tuple[int, int]]) -> None:
             k, rows = piece
             model, name = tensor.inputs[k]
-            (held[k] if rows is None else held[k][rows[0]:rows[1]]).copy_(self.reader(model).read(name, rows))
+            held[k][rows[0]:rows[1]].copy_(self.reader(model).read(name, rows))
 
-        pieces = [(k, rows) for k, h in enumerate(headers) for rows in _row_slices(h.shape, h.dtype.itemsize)]
+        pieces = []
+        for k, h in enumerate(headers):
+            if not h.shape or not h.shape[0]:
+                held[k].copy_(self.reader(tensor.inputs[k][0]).read(tensor.inputs[k][1]))
+            else:
+                pieces += [(k, rows) for rows in _row_ranges(h.shape[0], _slab_rows(h.nbytes // h.shape[0]))]
         for _ in self.workers.map(copy, pieces):
             pass
-        return _HeldInputs([[t] for t in held], None)
+        return held
 
     def row_ranges(self, tensor: PlannedTensor) -> list[Optional[tuple[int, int]]]:
         shape = tensor.out.shape
@@ -237,8 +242,7 @@ class _Merger:
         if (not self.plan.method.chunkable or tensor.rows is not None or not shape
                 or tensor.out.numel <= chunk or not tensor.floating):
             return [None]
-        step = max(1, chunk // tensor.out.row_elements)
-        return [(start, min(start + step, shape[0])) for start in range(0, shape[0], step)]
+        return _row_ranges(shape[0], max(1, chunk // tensor.out.row_elements))
 
     def to_compute(self, tensor: PlannedTensor, inputs: list[torch.Tensor]):
         """(base, others) on the compute device in float32 (float64 when asked), as the method sees them."""
@@ -318,12 +322,7 @@ class _TensorChunks:
 
 
 class _HeldInputs:
-    """A tensor's inputs kept between passes, each in slabs of `slab_rows` rows (None: one slab).
-
-    On CPU the slabs are whole chunks of at most SLAB_BYTES: under glibc's mmap threshold, so the
-    next tensor's slabs reuse their heap pages rather than fault fresh ones in (measured at a
-    quarter of a SLERP merge's time), and every chunk is a view of one slab.
-    """
+    """A tensor's inputs kept between passes, each in slabs of `slab_rows` rows (None: one slab)."""
 
     def __init__(self, slabs: list[list[torch.Tensor]], slab_rows: Optional[int]):
         self.slabs, self.slab_rows = slabs, slab_rows
@@ -339,23 +338,19 @@ class _HeldInputs:
         return [s[index][start - origin:end - origin] for s in self.slabs]
 
 
+# Slabs stay under glibc's 32 MiB mmap threshold: their buffers come from the heap, where the next
+# tensor's slabs reuse the pages, rather than from fresh mmaps whose every page faults and is
+# zeroed on first touch (measured at a sixth of a SLERP merge's time).
 SLAB_BYTES = 1 << 24
 
 
-def _slab_rows(chunk_rows: Optional[int], row_bytes: list[int]) -> Optional[int]:
-    """Rows per slab: whole chunks of at most SLAB_BYTES per input (None: hold each input whole)."""
-    if chunk_rows is None or not row_bytes:
-        return None
-    return chunk_rows * max(1, SLAB_BYTES // (chunk_rows * max(row_bytes)))
+def _slab_rows(row_bytes: int, multiple: int = 1) -> int:
+    """Rows per slab: a multiple of `multiple` rows, at most SLAB_BYTES of them where one multiple fits."""
+    return multiple * max(1, SLAB_BYTES // max(1, multiple * row_bytes))
 
 
-def _row_slices(shape: tuple[int, ...], itemsize: int, max_bytes: int = 1 << 24) -> list[Optional[tuple[int, int]]]:
-    """Row ranges of at most `max_bytes` each covering a tensor of `shape` ([None]: read it whole)."""
-    row_bytes = math.prod(shape[1:]) * itemsize if shape else 0
-    if not shape or not row_bytes or shape[0] * row_bytes <= max_bytes:
-        return [None]
-    step = max(1, max_bytes // row_bytes)
-    return [(start, min(start + step, shape[0])) for start in range(0, shape[0], step)]
+def _row_ranges(rows: int, step: int) -> list[tuple[int, int]]:
+    return [(start, min(start + step, rows)) for start in range(0, rows, step)]
 
 
 def _flat_offset(tensor: PlannedTensor, rows: Optional[tuple[int, int]]) -> int:

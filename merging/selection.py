@@ -369,15 +369,21 @@ def _int32(value: int) -> int:
 _MIX1, _MIX2 = _int32(0x85EBCA6B), _int32(0xC2B2AE35)
 
 
-def _block_hash(block_seeds: list[int], start: int, end: int, device: torch.device) -> Tensor:
-    """31 random bits (a non-negative int32) for each flat position in [start, end), drawn from the
-    RNG blocks it spans, block b seeded by ``block_seeds[b - start // RNG_BLOCK]``.
+def _block_seeds(seed: int, start: int, end: int) -> list[int]:
+    """The seeds of the RNG blocks that flat positions [start, end) of the stream `seed` span."""
+    return [stream_seed(seed, block) for block in range(start // RNG_BLOCK, (end - 1) // RNG_BLOCK + 1)]
+
+
+def _block_hash(seed: int, start: int, end: int, device: torch.device) -> Tensor:
+    """31 random bits (a non-negative int32) for each flat position in [start, end) of the stream
+    `seed`, each RNG block of positions hashed with its own seed.
 
     A counter-based hash instead of `torch.rand`: CPU generators are serial and cost several
     times more per draw, and any slice of a block can be drawn without drawing the rest.
     Integer arithmetic wraps identically on every device, so CPU and CUDA draw the same values.
     All blocks are hashed in one set of operations, so a GPU draws a chunk in a dozen launches.
     """
+    block_seeds = _block_seeds(seed, start, end)
     origin = start // RNG_BLOCK * RNG_BLOCK
     spans = [min(end, origin + (b + 1) * RNG_BLOCK) - max(start, origin + b * RNG_BLOCK) for b in range(len(block_seeds))]
 
@@ -399,13 +405,9 @@ def _block_hash(block_seeds: list[int], start: int, end: int, device: torch.devi
     return z
 
 
-def _block_seeds(seed: int, start: int, end: int) -> list[int]:
-    return [stream_seed(seed, block) for block in range(start // RNG_BLOCK, (end - 1) // RNG_BLOCK + 1)]
-
-
 def uniform(seed: int, start: int, end: int, device: torch.device) -> Tensor:
     """Uniform [0, 1) float32 draws (24 bits) for flat positions [start, end) of the stream `seed`, however split."""
-    bits = _block_hash(_block_seeds(seed, start, end), start, end, device)
+    bits = _block_hash(seed, start, end, device)
     return (bits >> 7).to(torch.float32).mul_(1.0 / (1 << 24))
 
 
@@ -423,5 +425,5 @@ def bernoulli(seed: int, probability: float, start: int, end: int, device: torch
     elif device.type == "cpu" and (out is None or out.is_contiguous()) and native.available():
         return native.bernoulli(start, end, RNG_BLOCK, _block_seeds(seed, start, end), threshold, out)
     else:
-        keep = _block_hash(_block_seeds(seed, start, end), start, end, device) < threshold
+        keep = _block_hash(seed, start, end, device) < threshold
     return keep if out is None else out.copy_(keep)

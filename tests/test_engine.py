@@ -294,6 +294,25 @@ def test_a_gpu_draws_what_the_cpu_draws(method, params, llama, tmp_path, monkeyp
         torch.testing.assert_close(cuda[name], cpu[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("method, params", [
+    ("ties", "weight: 0.5, density: 0.3"), ("dare_ties", "weight: 0.5, density: 0.3"), ("slerp", "t: 0.3"),
+])
+def test_inputs_held_in_many_slabs_give_identical_results(method, params, llama, tmp_path, monkeypatch):
+    base, ft1 = llama.base(), llama.finetune(1)
+    if method == "slerp":
+        text = f"merge_method: slerp\nbase_model: {base}\nmodels:\n  - {{model: {base}}}\n  - {{model: {ft1}}}\n"
+        text += f"parameters: {{{params}}}\n"
+    else:
+        text = (f"merge_method: {method}\nbase_model: {base}\nmodels:\n  - {{model: {base}}}\n"
+                f"  - {{model: {ft1}, parameters: {{{params}}}}}\n")
+    monkeypatch.setattr(execute_module, "CHUNK_ELEMENTS", 100)
+    run_merge(parse_config(text), tmp_path / "one-slab", options=MergeOptions(seed=3, workers=2))
+    monkeypatch.setattr(execute_module, "SLAB_BYTES", 300)  # a few chunks per slab; samples cross slabs
+    run_merge(parse_config(text), tmp_path / "slabs", options=MergeOptions(seed=3, workers=2))
+    one, slabs = load_state(tmp_path / "one-slab"), load_state(tmp_path / "slabs")
+    assert all(torch.equal(one[k], slabs[k]) for k in one)
+
+
 def test_a_failing_chunk_leaves_no_output(llama, tmp_path, monkeypatch):
     base, ft1 = llama.base(), llama.finetune(1)
     text = (f"merge_method: linear\nmodels:\n  - {{model: {base}, parameters: {{weight: 1.0}}}}\n"
