@@ -35,6 +35,7 @@ import torch
 from . import card as card_stage
 from .chat_templates import resolve_chat_template
 from .errors import MergeError
+from .methods import KEEP_MASK_BYTES
 from .plan import MergePlan, PlannedTensor
 from .safetensors_io import ShardedWriter, TensorHeader
 from .sources import TOKENIZER_FILES
@@ -237,12 +238,7 @@ class _Merger:
         return held
 
     def row_ranges(self, tensor: PlannedTensor) -> list[Optional[tuple[int, int]]]:
-        shape = tensor.out.shape
-        chunk = CUDA_CHUNK_ELEMENTS if self.device.type == "cuda" else CHUNK_ELEMENTS
-        if (not self.plan.method.chunkable or tensor.rows is not None or not shape
-                or tensor.out.numel <= chunk or not tensor.floating):
-            return [None]
-        return _row_ranges(shape[0], max(1, chunk // tensor.out.row_elements))
+        return chunk_ranges(self.plan, tensor, CUDA_CHUNK_ELEMENTS if self.device.type == "cuda" else CHUNK_ELEMENTS)
 
     def to_compute(self, tensor: PlannedTensor, inputs: list[torch.Tensor]):
         """(base, others) on the compute device in float32 (float64 when asked), as the method sees them."""
@@ -351,6 +347,44 @@ def _slab_rows(row_bytes: int, multiple: int = 1) -> int:
 
 def _row_ranges(rows: int, step: int) -> list[tuple[int, int]]:
     return [(start, min(start + step, rows)) for start in range(0, rows, step)]
+
+
+def chunk_ranges(plan: MergePlan, tensor: PlannedTensor, chunk: int) -> list[Optional[tuple[int, int]]]:
+    """The row chunks `tensor` is merged in, of about `chunk` elements ([None]: the whole tensor at once)."""
+    shape = tensor.out.shape
+    if (not plan.method.chunkable or tensor.rows is not None or not shape
+            or tensor.out.numel <= chunk or not tensor.floating):
+        return [None]
+    return _row_ranges(shape[0], max(1, chunk // tensor.out.row_elements))
+
+
+def peak_memory(plan: MergePlan, workers: Optional[int] = None) -> int:
+    """Bytes of CPU memory a merge of `plan` on the CPU holds at once, by how `execute_plan` runs it.
+
+    A tensor merged whole holds its inputs, their float32 copies and scratch. A chunked one holds
+    the chunks in flight on every worker (inputs as stored, their copies, scratch and result),
+    plus what its passes keep (inputs, DARE masks) while the next tensor's passes keep theirs.
+    """
+    threads = max(1, default_workers() if workers is None else workers)
+
+    def kept(tensor: PlannedTensor) -> int:
+        if plan.method.prepare is None or chunk_ranges(plan, tensor, CHUNK_ELEMENTS) == [None]:
+            return 0
+        read, masks = plan.input_bytes(tensor), tensor.out.numel * (len(tensor.inputs) - 1)
+        return (read if read <= KEEP_INPUT_BYTES else 0) + (
+            masks if plan.method.randomized and masks <= KEEP_MASK_BYTES else 0)
+
+    worst = 0
+    for tensor, after in zip(plan.tensors, [*plan.tensors[1:], None]):
+        inputs, read, numel = len(tensor.inputs), plan.input_bytes(tensor), max(1, tensor.out.numel)
+        ranges = chunk_ranges(plan, tensor, CHUNK_ELEMENTS)
+        if ranges == [None]:
+            worst = max(worst, 2 * read + numel * 4 * (2 * inputs + 2) + tensor.out.nbytes)
+            continue
+        elements = (ranges[0][1] - ranges[0][0]) * tensor.out.row_elements
+        in_flight = 2 * threads * (read * elements // numel + elements * 4 * (inputs + 3))
+        worst = max(worst, in_flight + kept(tensor) + (kept(after) if after is not None else 0))
+    return worst + 400 * 2**20  # the Python process, torch and the write buffers
 
 
 def _flat_offset(tensor: PlannedTensor, rows: Optional[tuple[int, int]]) -> int:

@@ -10,7 +10,7 @@ from typing import Callable, Optional, Union
 
 from .config import MergeConfig, ModelRef, parse_config
 from .errors import MergeError
-from .execute import MergeOptions, ProgressFn, execute_plan
+from .execute import MergeOptions, ProgressFn, execute_plan, peak_memory
 from .plan import MergePlan, build_plan
 from .sources import ModelSource, fetch_model, inspect_model
 
@@ -86,7 +86,7 @@ def summarize(plan: MergePlan) -> PlanSummary:
 
     key = layer_count_key(plan.out_config)
     return PlanSummary(plan.method.name, len(plan.tensors), plan.parameter_count, plan.output_bytes,
-                       plan.download_bytes, plan.peak_memory_estimate(), text_config(plan.out_config)[key],
+                       plan.download_bytes, peak_memory(plan), text_config(plan.out_config)[key],
                        tuple(plan.warnings))
 
 

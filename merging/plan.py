@@ -111,16 +111,6 @@ class MergePlan:
         """Bytes of `tensor`'s inputs, as stored."""
         return sum(self.models[m].tensors[n].nbytes for m, n in tensor.inputs)
 
-    def peak_memory_estimate(self, compute_itemsize: int = 4) -> int:
-        """Bytes the merge holds at once: the largest tensor's inputs, their compute copies and scratch."""
-        worst = 0
-        for tensor in self.tensors:
-            numel = tensor.out.numel
-            read = self.input_bytes(tensor)
-            scratch = numel * compute_itemsize * (2 * len(tensor.inputs) + 2)
-            worst = max(worst, 2 * read + scratch + tensor.out.nbytes)  # one merging, the next being prepared
-        return worst + 400 * 2**20  # the Python process, torch and the write buffers
-
 
 def _compute_dtype(config: MergeConfig, dtypes: Sequence[torch.dtype]) -> torch.dtype:
     promoted = dtypes[0]
