@@ -240,19 +240,23 @@ class _Merger:
     def row_ranges(self, tensor: PlannedTensor) -> list[Optional[tuple[int, int]]]:
         return chunk_ranges(self.plan, tensor, CUDA_CHUNK_ELEMENTS if self.device.type == "cuda" else CHUNK_ELEMENTS)
 
+    def loaded(self, tensor: PlannedTensor, inputs: list[torch.Tensor]):
+        """(base, others) as mergekit loads them (cast to the config's dtype), on the compute device."""
+        config_dtype = self.plan.config.dtype
+        work = [(t.to(config_dtype) if config_dtype else t).to(self.device) for t in inputs]
+        base = work[tensor.base] if tensor.base is not None else None
+        return base, [t for k, t in enumerate(work) if k != tensor.base]
+
     def to_compute(self, tensor: PlannedTensor, inputs: list[torch.Tensor]):
         """(base, others) on the compute device in float32 (float64 when asked), as the method sees them."""
         if tensor.rows is not None:
             inputs = _align_rows(inputs, tensor.rows)
-        config_dtype = self.plan.config.dtype
-        wide = config_dtype == torch.float64 or tensor.out.dtype == torch.float64 or any(
+        wide = self.plan.config.dtype == torch.float64 or tensor.out.dtype == torch.float64 or any(
             t.dtype == torch.float64 for t in inputs)
         compute = torch.float64 if wide else torch.float32
-        # Cast to the config's dtype first (as mergekit loads them), then widen for the arithmetic.
-        # The move comes before the widening: a GPU receives the stored bytes and widens them itself.
-        work = [(t.to(config_dtype) if config_dtype else t).to(self.device).to(compute) for t in inputs]
-        base = work[tensor.base] if tensor.base is not None else None
-        return base, [t for k, t in enumerate(work) if k != tensor.base]
+        # Widened after the move: a GPU receives the stored bytes and widens them itself.
+        base, others = self.loaded(tensor, inputs)
+        return (base.to(compute) if base is not None else None), [t.to(compute) for t in others]
 
     def kernel(self, tensor: PlannedTensor, ranges: list[Optional[tuple[int, int]]]):
         """(the function that merges each chunk of `tensor`, the inputs its passes held or None)."""
@@ -271,6 +275,12 @@ class _Merger:
         inputs = self.read_inputs(tensor, rows, held)
         if not tensor.floating:
             return inputs[0]  # integer buffers are copied from the first input, as mergekit does
+        narrow = self.plan.method.narrow
+        if narrow is not None and tensor.rows is None:
+            result = narrow(*self.loaded(tensor, inputs), tensor.out.dtype, **tensor.params)
+            if result is not None:
+                _check_finite(tensor, result)
+                return result.to("cpu")
         base, others = self.to_compute(tensor, inputs)
         del inputs
         result = kernel(base, others, _flat_offset(tensor, rows))

@@ -110,6 +110,10 @@ class MergeMethod:
     # Whole-tensor statistics gathered over chunks before merging (TIES thresholds, SLERP angle):
     # prepare(chunks, numel, **params) returns the kernel(base, models, offset) for each chunk.
     prepare: Optional[Callable[..., "Kernel"]] = None
+    # For methods without `prepare`: the merge of chunks as loaded (not widened) straight to the
+    # output dtype in one fused loop, giving `fn`'s bits: narrow(base, models, out_dtype, **params)
+    # -> the result, or None where it does not apply (the engine then widens and calls `fn`).
+    narrow: Optional[Callable[..., Optional[Tensor]]] = None
     reference: str = ""
     param_index: dict[str, Parameter] = field(init=False, repr=False, compare=False)
 
@@ -248,6 +252,14 @@ def linear(base: None, models: list[Tensor], *, weight: list[float], normalize: 
     if normalize:
         result.div_(sum(weight))
     return result
+
+
+def linear_narrow(base: None, models: list[Tensor], out_dtype: torch.dtype, *, weight: list[float],
+                  normalize: bool) -> Optional[Tensor]:
+    """`linear` from bfloat16 chunks to a bfloat16 result, where the fused loops run."""
+    if out_dtype != torch.bfloat16 or not native.fits(*models, dtype=torch.bfloat16):
+        return None
+    return native.linear_bf16(models, weight, normalize=normalize, divisor=sum(weight))
 
 
 def _slerp_coefficients(t: float, sq0: float, sq1: float, dot: float, dot_threshold: float = 0.9995,
@@ -677,7 +689,7 @@ def passthrough(base: None, models: list[Tensor], *, scale: list[Optional[float]
 _WEIGHT = Parameter("weight", float, per_model=True)
 
 register(MergeMethod("linear", "Linear (model soup)", linear, BasePolicy.IGNORED,
-                     (_WEIGHT, Parameter("normalize", bool, True)), chunkable=True,
+                     (_WEIGHT, Parameter("normalize", bool, True)), chunkable=True, narrow=linear_narrow,
                      reference="https://arxiv.org/abs/2203.05482"))
 register(MergeMethod("slerp", "SLERP", None, BasePolicy.REQUIRED, (Parameter("t", float),),
                      min_models=1, max_models=1, chunkable=True, prepare=prepare_slerp,

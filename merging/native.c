@@ -156,3 +156,36 @@ void ml_masked_magnitudes(const float *values, const float *base, const uint8_t 
         kept[i] = m * (float)keep[i];
     }
 }
+
+/* bfloat16 <-> float32 as torch converts them: widening is exact (the bits shifted up), and
+ * narrowing rounds to nearest, ties to even (NaN never gets here: the engine refuses it). */
+static inline float widen(uint16_t h) {
+    union { uint32_t u; float f; } v = { (uint32_t)h << 16 };
+    return v.f;
+}
+static inline uint16_t narrow(float x) {
+    union { float f; uint32_t u; } v = { x };
+    return (uint16_t)((v.u + 0x7FFFu + ((v.u >> 16) & 1u)) >> 16);
+}
+
+/* methods.linear over bfloat16 chunks, rounded to bfloat16: w0 * m0, then += w * m as torch's
+ * fused add, then / divisor when `normalize`; the float32 steps of the torch code, in its order. */
+void ml_linear_bf16(const uint16_t *const *models, const float *weights, int32_t count, int64_t n,
+                    int32_t normalize, float divisor, uint16_t *out) {
+    float total[BLOCK];
+    for (int64_t start = 0; start < n; start += BLOCK) {
+        const int64_t size = n - start < BLOCK ? n - start : BLOCK;
+        const uint16_t *first = models[0] + start;
+        for (int64_t i = 0; i < size; i++) total[i] = widen(first[i]) * weights[0];
+        for (int32_t j = 1; j < count; j++) {
+            const uint16_t *m = models[j] + start;
+            const float w = weights[j];
+            for (int64_t i = 0; i < size; i++) total[i] = fmaf(widen(m[i]), w, total[i]);
+        }
+        if (normalize) {
+            for (int64_t i = 0; i < size; i++) total[i] = total[i] / divisor;
+        }
+        uint16_t *o = out + start;
+        for (int64_t i = 0; i < size; i++) o[i] = narrow(total[i]);
+    }
+}

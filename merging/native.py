@@ -49,6 +49,7 @@ _SIGNATURES = {
     "ml_bracket_scan": [_P, _P, ctypes.c_int64, ctypes.c_float, ctypes.c_float, _P, ctypes.c_int64, _P],
     "ml_bernoulli": [ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, _P, ctypes.c_int32, _P],
     "ml_masked_magnitudes": [_P, _P, _P, ctypes.c_int64, _P, _P],
+    "ml_linear_bf16": [_P, _P, ctypes.c_int32, ctypes.c_int64, ctypes.c_int32, ctypes.c_float, _P],
 }
 
 
@@ -117,10 +118,9 @@ def available() -> bool:
     return _load() is not None
 
 
-def fits(*tensors: Tensor) -> bool:
-    """Whether the loops can take these tensors: contiguous float32 in CPU memory."""
-    return all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in tensors) \
-        and available()
+def fits(*tensors: Tensor, dtype: torch.dtype = torch.float32) -> bool:
+    """Whether the loops can take these tensors: contiguous `dtype` in CPU memory."""
+    return all(t.device.type == "cpu" and t.dtype == dtype and t.is_contiguous() for t in tensors) and available()
 
 
 def _pointers(tensors: Sequence[Optional[Tensor]]) -> ctypes.Array:
@@ -174,3 +174,11 @@ def masked_magnitudes(values: Tensor, base: Tensor, keep: Tensor) -> tuple[Tenso
     _load().ml_masked_magnitudes(values.data_ptr(), base.data_ptr(), keep.contiguous().data_ptr(), values.numel(),
                                  magnitude.data_ptr(), kept.data_ptr())
     return magnitude, kept
+
+
+def linear_bf16(models: Sequence[Tensor], weights: Sequence[float], *, normalize: bool, divisor: float) -> Tensor:
+    """`methods.linear` of bfloat16 tensors (that `fit` as bfloat16), rounded to bfloat16."""
+    out = torch.empty_like(models[0])
+    _load().ml_linear_bf16(_pointers(models), _floats(weights), len(models), out.numel(), int(normalize), divisor,
+                           out.data_ptr())
+    return out

@@ -7,7 +7,7 @@ import torch
 
 from merging import MergeOptions, native, parse_config, run_merge
 from merging import execute as execute_module
-from merging.methods import REGISTRY
+from merging.methods import REGISTRY, linear, linear_narrow
 from merging.selection import TopK, bernoulli
 from tiny_models import load_state
 
@@ -109,6 +109,33 @@ def test_streamed_merges_match_with_and_without_the_fused_loops(method, llama, t
     run_merge(parse_config(text), tmp_path / "torch", options=MergeOptions(seed=3, workers=2))
     fused, plain = load_state(tmp_path / "fused"), load_state(tmp_path / "torch")
     assert all(torch.equal(fused[k], plain[k]) for k in fused)
+
+
+@needs_native
+@pytest.mark.parametrize("weights", [[0.7], [0.5, 0.25], [0.7, -0.3, 0.45, 0.123456789]])
+@pytest.mark.parametrize("normalize", [False, True])
+def test_fused_linear_from_bfloat16_is_bit_identical_to_torch(weights, normalize):
+    g = torch.Generator().manual_seed(len(weights))
+    shape = (53, 31)  # mixed magnitudes; halves and quarters of bfloat16 values land on rounding ties
+    models = [(torch.randn(shape, generator=g) * 10.0 ** torch.randint(-3, 3, shape, generator=g)).bfloat16()
+              for _ in weights]
+    fused = linear_narrow(None, models, torch.bfloat16, weight=weights, normalize=normalize)
+    plain = linear(None, [m.float() for m in models], weight=weights, normalize=normalize).bfloat16()
+    assert fused is not None and torch.equal(fused.view(torch.int16), plain.view(torch.int16))
+    assert linear_narrow(None, models, torch.float32, weight=weights, normalize=normalize) is None
+
+
+@needs_native
+def test_bfloat16_linear_merges_match_with_and_without_the_fused_loops(llama, tmp_path, monkeypatch, torch_only):
+    ft1, ft2 = llama.finetune(1, dtype=torch.bfloat16), llama.finetune(2, dtype=torch.bfloat16)
+    text = (f"merge_method: linear\nmodels:\n  - {{model: {ft1}, parameters: {{weight: 0.6}}}}\n"
+            f"  - {{model: {ft2}, parameters: {{weight: 0.3}}}}\ndtype: bfloat16\n")
+    monkeypatch.setattr(execute_module, "CHUNK_ELEMENTS", 100)
+    run_merge(parse_config(text), tmp_path / "fused", options=MergeOptions(workers=2))
+    torch_only()
+    run_merge(parse_config(text), tmp_path / "torch", options=MergeOptions(workers=2))
+    fused, plain = load_state(tmp_path / "fused"), load_state(tmp_path / "torch")
+    assert all(fused[k].dtype == torch.bfloat16 and torch.equal(fused[k], plain[k]) for k in fused)
 
 
 def test_without_a_compiler_merges_run_in_torch(monkeypatch, tmp_path, llama):
