@@ -35,7 +35,7 @@ import torch
 from . import card as card_stage
 from .chat_templates import resolve_chat_template
 from .errors import MergeError
-from .methods import KEEP_MASK_BYTES
+from .methods import KEEP_MASK_BYTES, FusedKernel
 from .plan import MergePlan, PlannedTensor
 from .safetensors_io import ShardedWriter, TensorHeader
 from .sources import TOKENIZER_FILES
@@ -265,7 +265,11 @@ class _Merger:
         if method.randomized:
             params["seed"] = tensor_seed(self.options.seed, tensor.seed_key)
         if method.prepare is None:
-            return (lambda base, others, offset: method.fn(base, others, **params)), None
+            merge = lambda base, others, offset: method.fn(base, others, **params)  # noqa: E731
+            if method.narrow is not None:
+                merge = FusedKernel(merge, lambda base, others, offset, dtype: method.narrow(base, others, dtype,
+                                                                                              **params))
+            return merge, None
         chunks = _TensorChunks(self, tensor, ranges, self.hold(tensor, ranges))
         return method.prepare(chunks, tensor.out.numel, **params), chunks.held
 
@@ -275,9 +279,8 @@ class _Merger:
         inputs = self.read_inputs(tensor, rows, held)
         if not tensor.floating:
             return inputs[0]  # integer buffers are copied from the first input, as mergekit does
-        narrow = self.plan.method.narrow
-        if narrow is not None and tensor.rows is None:
-            result = narrow(*self.loaded(tensor, inputs), tensor.out.dtype, **tensor.params)
+        if isinstance(kernel, FusedKernel) and tensor.rows is None:
+            result = kernel.narrow(*self.loaded(tensor, inputs), _flat_offset(tensor, rows), tensor.out.dtype)
             if result is not None:
                 _check_finite(tensor, result)
                 return result.to("cpu")

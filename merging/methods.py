@@ -40,6 +40,19 @@ Kernel = Callable[[Optional[Tensor], list[Tensor], int], Tensor]
 R = TypeVar("R")
 
 
+@dataclass(frozen=True)
+class FusedKernel:
+    """A kernel with a fused path for chunks as loaded (not widened): `narrow(base, models, offset,
+    out_dtype)` merges them straight to the output dtype in one loop, with `merge`'s bits, or
+    returns None where it does not apply (the engine then widens them and calls `merge`)."""
+
+    merge: Kernel
+    narrow: Callable[[Optional[Tensor], list[Tensor], int, torch.dtype], Optional[Tensor]]
+
+    def __call__(self, base: Optional[Tensor], models: list[Tensor], offset: int) -> Tensor:
+        return self.merge(base, models, offset)
+
+
 class Chunks(Protocol):
     """One tensor's inputs as `prepare` sees them, in the compute dtype on the compute device."""
 
@@ -110,9 +123,7 @@ class MergeMethod:
     # Whole-tensor statistics gathered over chunks before merging (TIES thresholds, SLERP angle):
     # prepare(chunks, numel, **params) returns the kernel(base, models, offset) for each chunk.
     prepare: Optional[Callable[..., "Kernel"]] = None
-    # For methods without `prepare`: the merge of chunks as loaded (not widened) straight to the
-    # output dtype in one fused loop, giving `fn`'s bits: narrow(base, models, out_dtype, **params)
-    # -> the result, or None where it does not apply (the engine then widens and calls `fn`).
+    # For methods without `prepare`, `FusedKernel.narrow` for `fn`: narrow(base, models, out_dtype, **params).
     narrow: Optional[Callable[..., Optional[Tensor]]] = None
     reference: str = ""
     param_index: dict[str, Parameter] = field(init=False, repr=False, compare=False)
@@ -283,7 +294,13 @@ def prepare_slerp(chunks: Chunks, numel: int, *, t: float) -> Kernel:
     for a, b, c in chunks.map(dots):
         sq0, sq1, dot = sq0 + a, sq1 + b, dot + c
     a, b = _slerp_coefficients(t, sq0, sq1, dot)
-    return lambda base, models, offset: torch.mul(base, a).add_(models[0], alpha=b)
+
+    def narrow(base: Tensor, models: list[Tensor], offset: int, out_dtype: torch.dtype) -> Optional[Tensor]:
+        if out_dtype != torch.bfloat16 or not native.fits(base, models[0], dtype=torch.bfloat16):
+            return None
+        return native.axpby_bf16(base, models[0], a, b)
+
+    return FusedKernel(lambda base, models, offset: torch.mul(base, a).add_(models[0], alpha=b), narrow)
 
 
 def slerp_pair(t: float, v0: Tensor, v1: Tensor) -> Tensor:

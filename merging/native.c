@@ -189,3 +189,9 @@ void ml_linear_bf16(const uint16_t *const *models, const float *weights, int32_t
         for (int64_t i = 0; i < size; i++) o[i] = narrow(total[i]);
     }
 }
+
+/* The SLERP kernel over bfloat16 chunks, rounded to bfloat16: x * a, then += y * b as torch's
+ * fused add (prepare_slerp's `torch.mul(base, a).add_(model, alpha=b)`). */
+void ml_axpby_bf16(const uint16_t *x, const uint16_t *y, float a, float b, int64_t n, uint16_t *out) {
+    for (int64_t i = 0; i < n; i++) out[i] = narrow(fmaf(widen(y[i]), b, widen(x[i]) * a));
+}

@@ -50,6 +50,7 @@ _SIGNATURES = {
     "ml_bernoulli": [ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, _P, ctypes.c_int32, _P],
     "ml_masked_magnitudes": [_P, _P, _P, ctypes.c_int64, _P, _P],
     "ml_linear_bf16": [_P, _P, ctypes.c_int32, ctypes.c_int64, ctypes.c_int32, ctypes.c_float, _P],
+    "ml_axpby_bf16": [_P, _P, ctypes.c_float, ctypes.c_float, ctypes.c_int64, _P],
 }
 
 
@@ -181,4 +182,11 @@ def linear_bf16(models: Sequence[Tensor], weights: Sequence[float], *, normalize
     out = torch.empty_like(models[0])
     _load().ml_linear_bf16(_pointers(models), _floats(weights), len(models), out.numel(), int(normalize), divisor,
                            out.data_ptr())
+    return out
+
+
+def axpby_bf16(x: Tensor, y: Tensor, a: float, b: float) -> Tensor:
+    """``torch.mul(x, a).add_(y, alpha=b)`` of bfloat16 tensors (that `fit` as bfloat16), rounded to bfloat16."""
+    out = torch.empty_like(x)
+    _load().ml_axpby_bf16(x.data_ptr(), y.data_ptr(), a, b, out.numel(), out.data_ptr())
     return out

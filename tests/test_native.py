@@ -7,7 +7,7 @@ import torch
 
 from merging import MergeOptions, native, parse_config, run_merge
 from merging import execute as execute_module
-from merging.methods import REGISTRY, linear, linear_narrow
+from merging.methods import REGISTRY, WholeTensor, linear, linear_narrow, prepare_slerp
 from merging.selection import TopK, bernoulli
 from tiny_models import load_state
 
@@ -126,10 +126,27 @@ def test_fused_linear_from_bfloat16_is_bit_identical_to_torch(weights, normalize
 
 
 @needs_native
-def test_bfloat16_linear_merges_match_with_and_without_the_fused_loops(llama, tmp_path, monkeypatch, torch_only):
+@pytest.mark.parametrize("t", [0.0, 0.3, 0.5, 1.0])
+def test_fused_slerp_from_bfloat16_is_bit_identical_to_torch(t):
+    g = torch.Generator().manual_seed(5)
+    base = (torch.randn(41, 67, generator=g) * 10.0 ** torch.randint(-3, 3, (41, 67), generator=g)).bfloat16()
+    model = (base.float() + torch.randn(41, 67, generator=g) * 0.1).bfloat16()
+    kernel = prepare_slerp(WholeTensor(base.float(), [model.float()]), base.numel(), t=t)
+    fused = kernel.narrow(base, [model], 0, torch.bfloat16)
+    plain = kernel(base.float(), [model.float()], 0).bfloat16()
+    assert fused is not None and torch.equal(fused.view(torch.int16), plain.view(torch.int16))
+
+
+@needs_native
+@pytest.mark.parametrize("method", ["linear", "slerp"])
+def test_bfloat16_merges_match_with_and_without_the_fused_loops(method, llama, tmp_path, monkeypatch, torch_only):
     ft1, ft2 = llama.finetune(1, dtype=torch.bfloat16), llama.finetune(2, dtype=torch.bfloat16)
-    text = (f"merge_method: linear\nmodels:\n  - {{model: {ft1}, parameters: {{weight: 0.6}}}}\n"
-            f"  - {{model: {ft2}, parameters: {{weight: 0.3}}}}\ndtype: bfloat16\n")
+    if method == "linear":
+        text = (f"merge_method: linear\nmodels:\n  - {{model: {ft1}, parameters: {{weight: 0.6}}}}\n"
+                f"  - {{model: {ft2}, parameters: {{weight: 0.3}}}}\ndtype: bfloat16\n")
+    else:
+        text = (f"merge_method: slerp\nbase_model: {ft1}\nmodels:\n  - {{model: {ft1}}}\n  - {{model: {ft2}}}\n"
+                f"parameters: {{t: [0, 0.3, 0.7, 1]}}\ndtype: bfloat16\n")
     monkeypatch.setattr(execute_module, "CHUNK_ELEMENTS", 100)
     run_merge(parse_config(text), tmp_path / "fused", options=MergeOptions(workers=2))
     torch_only()
