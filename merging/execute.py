@@ -240,23 +240,24 @@ class _Merger:
     def row_ranges(self, tensor: PlannedTensor) -> list[Optional[tuple[int, int]]]:
         return chunk_ranges(self.plan, tensor, CUDA_CHUNK_ELEMENTS if self.device.type == "cuda" else CHUNK_ELEMENTS)
 
-    def loaded(self, tensor: PlannedTensor, inputs: list[torch.Tensor]):
-        """(base, others) as mergekit loads them (cast to the config's dtype), on the compute device."""
-        config_dtype = self.plan.config.dtype
-        work = [(t.to(config_dtype) if config_dtype else t).to(self.device) for t in inputs]
-        base = work[tensor.base] if tensor.base is not None else None
-        return base, [t for k, t in enumerate(work) if k != tensor.base]
-
-    def to_compute(self, tensor: PlannedTensor, inputs: list[torch.Tensor]):
-        """(base, others) on the compute device in float32 (float64 when asked), as the method sees them."""
+    def loaded(self, tensor: PlannedTensor, inputs: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.dtype]:
+        """`tensor`'s inputs as mergekit loads them (cast to the config's dtype) on the compute
+        device, and the dtype to compute in: float32, or float64 when anything asks for it."""
         if tensor.rows is not None:
             inputs = _align_rows(inputs, tensor.rows)
-        wide = self.plan.config.dtype == torch.float64 or tensor.out.dtype == torch.float64 or any(
+        config_dtype = self.plan.config.dtype
+        wide = config_dtype == torch.float64 or tensor.out.dtype == torch.float64 or any(
             t.dtype == torch.float64 for t in inputs)
-        compute = torch.float64 if wide else torch.float32
-        # Widened after the move: a GPU receives the stored bytes and widens them itself.
-        base, others = self.loaded(tensor, inputs)
-        return (base.to(compute) if base is not None else None), [t.to(compute) for t in others]
+        return [(t.to(config_dtype) if config_dtype else t).to(self.device) for t in inputs], \
+            torch.float64 if wide else torch.float32
+
+    def to_compute(self, tensor: PlannedTensor, inputs: list[torch.Tensor], compute: Optional[torch.dtype] = None):
+        """(base, others) in the compute dtype on the compute device, as the method sees them; `inputs`
+        already `loaded` when `compute` is given. Widened after the move: a GPU receives the stored
+        bytes and widens them itself."""
+        if compute is None:
+            inputs, compute = self.loaded(tensor, inputs)
+        return _split(tensor, [t.to(compute) for t in inputs])
 
     def kernel(self, tensor: PlannedTensor, ranges: list[Optional[tuple[int, int]]]):
         """(the function that merges each chunk of `tensor`, the inputs its passes held or None)."""
@@ -279,12 +280,13 @@ class _Merger:
         inputs = self.read_inputs(tensor, rows, held)
         if not tensor.floating:
             return inputs[0]  # integer buffers are copied from the first input, as mergekit does
-        if isinstance(kernel, FusedKernel) and tensor.rows is None:
-            result = kernel.narrow(*self.loaded(tensor, inputs), _flat_offset(tensor, rows), tensor.out.dtype)
+        inputs, compute = self.loaded(tensor, inputs)
+        if isinstance(kernel, FusedKernel):
+            result = kernel.narrow(*_split(tensor, inputs), _flat_offset(tensor, rows), tensor.out.dtype)
             if result is not None:
                 _check_finite(tensor, result)
                 return result.to("cpu")
-        base, others = self.to_compute(tensor, inputs)
+        base, others = self.to_compute(tensor, inputs, compute)
         del inputs
         result = kernel(base, others, _flat_offset(tensor, rows))
         _check_finite(tensor, result)
@@ -398,6 +400,12 @@ def peak_memory(plan: MergePlan, workers: Optional[int] = None) -> int:
         in_flight = 2 * threads * (read * elements // numel + elements * 4 * (inputs + 3))
         worst = max(worst, in_flight + kept(tensor) + (kept(after) if after is not None else 0))
     return worst + 400 * 2**20  # the Python process, torch and the write buffers
+
+
+def _split(tensor: PlannedTensor, inputs: list[torch.Tensor]) -> tuple[Optional[torch.Tensor], list[torch.Tensor]]:
+    """(the base, the other inputs) of `tensor`'s inputs, in order."""
+    base = inputs[tensor.base] if tensor.base is not None else None
+    return base, [t for k, t in enumerate(inputs) if k != tensor.base]
 
 
 def _flat_offset(tensor: PlannedTensor, rows: Optional[tuple[int, int]]) -> int:
