@@ -5,7 +5,7 @@ whole chunk (read, convert, merge, convert back, write to its place in the outpu
 torch thread apiece, so chunks run side by side and each stays in its core's cache. Whole-tensor
 passes (TIES thresholds, SLERP angles, DARE rescale sums) map over the chunks on the same pool,
 and each tensor's merge jobs queue behind the previous tensor's, so passes and merges overlap.
-Memory is bounded by the chunks in flight plus the inputs (and DARE masks) one tensor keeps
+Memory is bounded by the chunks in flight plus the inputs one tensor keeps
 between its passes. Methods that need whole tensors run one tensor at a time with every torch
 thread. On a GPU the chunks are larger, inputs cross the bus as stored and are widened there,
 and a tensor's inputs held between passes stay in GPU memory. The checkpoint is built in a
@@ -35,7 +35,7 @@ import torch
 from . import card as card_stage
 from .chat_templates import resolve_chat_template
 from .errors import MergeError
-from .methods import KEEP_MASK_BYTES, FusedKernel
+from .methods import FusedKernel
 from .plan import MergePlan, PlannedTensor
 from .safetensors_io import ShardedWriter, TensorHeader
 from .sources import TOKENIZER_FILES
@@ -378,16 +378,15 @@ def peak_memory(plan: MergePlan, workers: Optional[int] = None) -> int:
 
     A tensor merged whole holds its inputs, their float32 copies and scratch. A chunked one holds
     the chunks in flight on every worker (inputs as stored, their copies, scratch and result),
-    plus what its passes keep (inputs, DARE masks) while the next tensor's passes keep theirs.
+    plus the inputs its passes keep while the next tensor's passes keep theirs.
     """
     threads = max(1, default_workers() if workers is None else workers)
 
     def kept(tensor: PlannedTensor) -> int:
         if plan.method.prepare is None or chunk_ranges(plan, tensor, CHUNK_ELEMENTS) == [None]:
             return 0
-        read, masks = plan.input_bytes(tensor), tensor.out.numel * (len(tensor.inputs) - 1)
-        return (read if read <= KEEP_INPUT_BYTES else 0) + (
-            masks if plan.method.randomized and masks <= KEEP_MASK_BYTES else 0)
+        read = plan.input_bytes(tensor)
+        return read if read <= KEEP_INPUT_BYTES else 0
 
     worst = 0
     for tensor, after in zip(plan.tensors, [*plan.tensors[1:], None]):

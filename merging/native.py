@@ -160,10 +160,9 @@ def bracket_scan(values: Tensor, base: Optional[Tensor], low: float, high: float
     return above, found, (inside[:found].clone() if found <= capacity else None)
 
 
-def bernoulli(start: int, end: int, block_size: int, block_seeds: Sequence[int], threshold: int,
-              out: Optional[Tensor] = None) -> Tensor:
+def bernoulli(start: int, end: int, block_size: int, block_seeds: Sequence[int], threshold: int) -> Tensor:
     """`selection.bernoulli`'s mask for flat positions [start, end), given each block's stream seed."""
-    keep = out if out is not None else torch.empty(end - start, dtype=torch.bool)
+    keep = torch.empty(end - start, dtype=torch.bool)
     _load().ml_bernoulli(start, end - start, block_size, (ctypes.c_int64 * len(block_seeds))(*block_seeds),
                          threshold, keep.data_ptr())
     return keep

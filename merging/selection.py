@@ -411,19 +411,14 @@ def uniform(seed: int, start: int, end: int, device: torch.device) -> Tensor:
     return (bits >> 7).to(torch.float32).mul_(1.0 / (1 << 24))
 
 
-def bernoulli(seed: int, probability: float, start: int, end: int, device: torch.device,
-              out: Optional[Tensor] = None) -> Tensor:
-    """``uniform(seed, start, end) < probability`` without the floats: one integer comparison per draw.
-
-    Written into `out` (a flat boolean tensor of end - start entries on `device`) when given."""
+def bernoulli(seed: int, probability: float, start: int, end: int, device: torch.device) -> Tensor:
+    """``uniform(seed, start, end) < probability`` without the floats: one integer comparison per draw."""
     # u = (bits >> 7) / 2**24 < p (compared in float32, as torch does) <=> bits < ceil(p32 * 2**24) * 2**7
     p32 = float(torch.tensor(probability, dtype=torch.float32))
     cut = math.ceil(p32 * (1 << 24))
     threshold = max(cut, 0) << 7
     if cut >= 1 << 24:
-        keep = torch.ones(end - start, dtype=torch.bool, device=device)
-    elif device.type == "cpu" and (out is None or out.is_contiguous()) and native.available():
-        return native.bernoulli(start, end, RNG_BLOCK, _block_seeds(seed, start, end), threshold, out)
-    else:
-        keep = _block_hash(seed, start, end, device) < threshold
-    return keep if out is None else out.copy_(keep)
+        return torch.ones(end - start, dtype=torch.bool, device=device)
+    if device.type == "cpu" and native.available():
+        return native.bernoulli(start, end, RNG_BLOCK, _block_seeds(seed, start, end), threshold)
+    return _block_hash(seed, start, end, device) < threshold
