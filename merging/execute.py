@@ -381,23 +381,19 @@ def peak_memory(plan: MergePlan, workers: Optional[int] = None) -> int:
     plus the inputs its passes keep while the next tensor's passes keep theirs.
     """
     threads = max(1, default_workers() if workers is None else workers)
-
-    def kept(tensor: PlannedTensor) -> int:
-        if plan.method.prepare is None or chunk_ranges(plan, tensor, CHUNK_ELEMENTS) == [None]:
-            return 0
-        read = plan.input_bytes(tensor)
-        return read if read <= KEEP_INPUT_BYTES else 0
-
+    ranges = [chunk_ranges(plan, tensor, CHUNK_ELEMENTS) for tensor in plan.tensors]
+    reads = [plan.input_bytes(tensor) for tensor in plan.tensors]
+    kept = [read if plan.method.prepare is not None and r != [None] and read <= KEEP_INPUT_BYTES else 0
+            for r, read in zip(ranges, reads)] + [0]
     worst = 0
-    for tensor, after in zip(plan.tensors, [*plan.tensors[1:], None]):
-        inputs, read, numel = len(tensor.inputs), plan.input_bytes(tensor), max(1, tensor.out.numel)
-        ranges = chunk_ranges(plan, tensor, CHUNK_ELEMENTS)
-        if ranges == [None]:
+    for k, tensor in enumerate(plan.tensors):
+        inputs, read, numel = len(tensor.inputs), reads[k], max(1, tensor.out.numel)
+        if ranges[k] == [None]:
             worst = max(worst, 2 * read + numel * 4 * (2 * inputs + 2) + tensor.out.nbytes)
             continue
-        elements = (ranges[0][1] - ranges[0][0]) * tensor.out.row_elements
+        elements = (ranges[k][0][1] - ranges[k][0][0]) * tensor.out.row_elements
         in_flight = 2 * threads * (read * elements // numel + elements * 4 * (inputs + 3))
-        worst = max(worst, in_flight + kept(tensor) + (kept(after) if after is not None else 0))
+        worst = max(worst, in_flight + kept[k] + kept[k + 1])  # this tensor's passes, and the next's
     return worst + 400 * 2**20  # the Python process, torch and the write buffers
 
 
