@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from . import native
-from .selection import TopK, bernoulli, stream_seed, uniform
+from .selection import TopK, bernoulli, bernoulli_draws, stream_seed, uniform
 
 Tensor = torch.Tensor
 Kernel = Callable[[Optional[Tensor], list[Tensor], int], Tensor]
@@ -56,10 +56,12 @@ class FusedKernel:
 class Chunks(Protocol):
     """One tensor's inputs as `prepare` sees them, in the compute dtype on the compute device."""
 
-    def map(self, fn: Callable[[Optional[Tensor], list[Tensor], int], R]) -> Iterator[R]:
+    def map(self, fn: Callable[[Optional[Tensor], list[Tensor], int], R], *, as_loaded: bool = False) -> Iterator[R]:
         """fn(base chunk or None, model chunks, flat offset of the chunk) for every chunk; the
         results come in stream order. The engine may call `fn` on several chunks at once, from
-        several threads: it must only read shared state. Callable as often as needed."""
+        several threads: it must only read shared state. Callable as often as needed.
+        With `as_loaded`, bfloat16 chunks of a float32 computation come as stored, for fused
+        loops that read them directly; `fn` widens them (`native.widened`) where none runs."""
 
     def sample(self) -> tuple[Optional[Tensor], list[Tensor]]:
         """A few evenly spread rows of (base, models): cheap, for guesses that passes then verify."""
@@ -76,7 +78,7 @@ class WholeTensor:
     base: Optional[Tensor]
     models: list[Tensor]
 
-    def map(self, fn: Callable[[Optional[Tensor], list[Tensor], int], R]) -> Iterator[R]:
+    def map(self, fn: Callable[[Optional[Tensor], list[Tensor], int], R], *, as_loaded: bool = False) -> Iterator[R]:
         yield fn(self.base, self.models, 0)
 
     def sample(self) -> tuple[Optional[Tensor], list[Tensor]]:
@@ -197,12 +199,22 @@ def random_keep(seed: int, density: float, like: Tensor, offset: int = 0) -> Ten
 
 
 def row_sums(values: Tensor) -> list[float]:
-    """Sums of the first dimension's rows: a chunk's partial sums that do not depend on the chunking.
+    """Float64 sums of the first dimension's rows: a chunk's partial sums that do not depend on the chunking.
 
-    Python floats, not a tensor: small tensors kept across a pass would pin the heap pages that
-    the chunks' large temporaries are freed into.
+    On the CPU each row adds in a fixed order, which the fused loops (`native.l1_sums`) follow
+    without building `values`: `native.SUM_LANES` running sums, lane k taking columns k, k + SUM_LANES, ...
+    in turn, then the lanes in turn. Torch's `cumsum` adds in exactly that order; `sum` does not
+    promise one. Python floats, not a tensor: small tensors kept across a pass would pin the heap
+    pages that the chunks' large temporaries are freed into.
     """
-    return (values.reshape(values.shape[0], -1).sum(dim=1) if values.dim() else values.reshape(1)).tolist()
+    rows = values.reshape(values.shape[0] if values.dim() else 1, -1).double()
+    if not rows.shape[1]:
+        return [0.0] * rows.shape[0]
+    if rows.device.type != "cpu":  # GPU reductions add in their own order: close, not bit-identical
+        return rows.sum(dim=1).tolist()
+    rows = F.pad(rows, (0, -rows.shape[1] % native.SUM_LANES))
+    lanes = rows.view(rows.shape[0], -1, native.SUM_LANES).cumsum(dim=1)[:, -1]
+    return lanes.cumsum(dim=1)[:, -1].tolist()
 
 
 def exact_total(parts: Iterator[list[float]]) -> float:
@@ -501,7 +513,7 @@ def task_arithmetic_family(sparsify: Optional[Sparsify], consensus: bool) -> Cal
                 if not active:
                     break
                 for parts in chunks.map(lambda base, models, offset: [
-                        selectors[i].scan_difference(models[i], base, offset) for i in active]):
+                        selectors[i].scan_difference(models[i], base, offset) for i in active], as_loaded=True):
                     for i, part in zip(active, parts):
                         selectors[i].fold(part)
                 for i in active:
@@ -514,44 +526,47 @@ def task_arithmetic_family(sparsify: Optional[Sparsify], consensus: bool) -> Cal
             def l1_sums(base: Tensor, models: list[Tensor], offset: int) -> list[tuple[list[float], list[float]]]:
                 sums = []
                 for i in pruned:
-                    keep = random_keep(seeds[i], density[i], base, offset)
-                    if native.fits(models[i], base):
-                        magnitude, kept = native.masked_magnitudes(models[i], base, keep)
-                    else:
-                        magnitude = (models[i] - base).abs_()
-                        kept = magnitude * keep
-                    sums.append((row_sums(magnitude), row_sums(kept)))
+                    draws = bernoulli_draws(seeds[i], density[i], offset, offset + base.numel())
+                    if draws is not None and native.takes(models[i], base):
+                        sums.append(native.l1_sums(models[i], base, draws, offset))
+                        continue
+                    magnitude = (native.widened(models[i]) - native.widened(base)).abs_()
+                    sums.append((row_sums(magnitude), row_sums(magnitude * random_keep(seeds[i], density[i], base,
+                                                                                      offset))))
                 return sums
 
-            totals = list(zip(*chunks.map(l1_sums)))  # per pruned model: (total, kept) row sums by chunk
+            totals = list(zip(*chunks.map(l1_sums, as_loaded=True)))  # per pruned model: row sums by chunk
             for i, model_sums in zip(pruned, totals):
                 factors[i] = _rescale_factor(exact_total(t for t, _ in model_sums), exact_total(k for _, k in model_sums))
 
-        def pruning(i: int, like: Tensor, offset: int) -> tuple[Optional[Tensor], Optional[float]]:
-            """Model i's pruning of the chunk at `offset` (magnitude or random): a keep-mask or None,
-            and a bound that keeps |delta| > bound (-inf all, inf none; None: only `TopK.prune` can,
-            in the chunk that cuts through the ties at the threshold)."""
+        def pruning(i: int, offset: int) -> tuple[Optional[float], Optional[float]]:
+            """Model i's pruning of the chunk at `offset` (magnitude or random): the density of a
+            random keep-mask or None, and a bound that keeps |delta| > bound (-inf all, inf none;
+            None: only `TopK.prune` can, in the chunk that cuts through the ties at the threshold)."""
             if sparsify in (Sparsify.MAGNITUDE, Sparsify.RANDOM) and density[i] <= 0:
                 return None, math.inf  # nothing kept, as mergekit's empty mask keeps nothing
             if sparsify is Sparsify.MAGNITUDE and selectors[i] is not None:
                 return None, selectors[i].bound(offset)
             if sparsify is Sparsify.RANDOM and 0 < density[i] < 1:
-                return random_keep(seeds[i], density[i], like, offset), -math.inf
+                return density[i], -math.inf
             return None, -math.inf
 
-        def fused(base: Tensor, models: list[Tensor], offset: int) -> Optional[Tensor]:
-            """The kernel as one native loop, when the inputs and every model's pruning allow."""
+        def fused(base: Tensor, models: list[Tensor], offset: int, out_dtype: torch.dtype) -> Optional[Tensor]:
+            """The kernel as one native loop, in `out_dtype`, when the inputs and every model's pruning allow."""
             if not models or sparsify not in (None, Sparsify.MAGNITUDE, Sparsify.RANDOM) \
-                    or not native.fits(base, *models):
+                    or out_dtype not in (torch.float32, torch.bfloat16) or not native.takes(base, *models):
                 return None
-            masks, bounds = zip(*(pruning(i, base, offset) for i in range(count)))
+            keep, bounds = zip(*(pruning(i, offset) for i in range(count)))
             if None in bounds:
                 return None
-            return native.task_merge(base, models, masks, bounds, factors, weight, consensus=consensus,
-                                     normalize=normalize, divisor=weight_divisor(weight), scale=scale)
+            draws = [bernoulli_draws(seeds[i], d, offset, offset + base.numel()) if d is not None else None
+                     for i, d in enumerate(keep)]
+            return native.task_merge(base, models, draws, bounds, factors, weight, position=offset,
+                                     consensus=consensus, normalize=normalize, divisor=weight_divisor(weight),
+                                     scale=scale, out_dtype=out_dtype)
 
         def kernel(base: Tensor, models: list[Tensor], offset: int) -> Tensor:
-            merged = fused(base, models, offset)
+            merged = fused(base, models, offset, base.dtype)
             if merged is not None:
                 return merged
             deltas = []
@@ -563,9 +578,9 @@ def task_arithmetic_family(sparsify: Optional[Sparsify], consensus: bool) -> Cal
                     delta = rank_prune(delta, density[i], epsilon[i], rescale, seeds[i]) if density[i] > 0 \
                         else delta.zero_()
                 else:
-                    mask, bound = pruning(i, delta, offset)
-                    if mask is not None:
-                        delta *= mask
+                    keep, bound = pruning(i, offset)
+                    if keep is not None:
+                        delta *= random_keep(seeds[i], keep, delta, offset)
                     if bound == math.inf:
                         delta.zero_()
                     elif bound != -math.inf:
@@ -575,7 +590,7 @@ def task_arithmetic_family(sparsify: Optional[Sparsify], consensus: bool) -> Cal
                 deltas.append(delta)
             return combine_deltas(base, deltas, weight, consensus, normalize, scale)
 
-        return kernel
+        return FusedKernel(kernel, fused)
 
     return prepare
 

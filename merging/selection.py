@@ -16,6 +16,7 @@ so the same seed gives the same mask however the tensor is split into chunks.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from dataclasses import dataclass
@@ -136,9 +137,9 @@ class TopK:
 
     def scan_difference(self, values: Tensor, base: Tensor, offset: int = 0) -> Part:
         """`scan` of the magnitudes |values - base|, without building them where the fused loops can."""
-        if self.stage == "bracket" and not self.track_sums and native.fits(values, base):
+        if self.stage == "bracket" and not self.track_sums and native.takes(values, base):
             return self._scan_bracket_fused(values.reshape(-1), base.reshape(-1), offset)
-        return self.scan((values - base).abs_(), offset)
+        return self.scan((native.widened(values) - native.widened(base)).abs_(), offset)
 
     def scan(self, magnitudes: Tensor, offset: int = 0) -> Part:
         """The part of the current pass for one chunk, which starts at flat position `offset`."""
@@ -411,13 +412,25 @@ def uniform(seed: int, start: int, end: int, device: torch.device) -> Tensor:
     return (bits >> 7).to(torch.float32).mul_(1.0 / (1 << 24))
 
 
-def bernoulli(seed: int, probability: float, start: int, end: int, device: torch.device) -> Tensor:
-    """``uniform(seed, start, end) < probability`` without the floats: one integer comparison per draw."""
+@functools.lru_cache(maxsize=1024)  # asked for every chunk; a float32 round trip through torch costs microseconds
+def keep_threshold(probability: float) -> Optional[int]:
+    """`bernoulli` keeps a position whose 31 hash bits are below this (None: every position)."""
     # u = (bits >> 7) / 2**24 < p (compared in float32, as torch does) <=> bits < ceil(p32 * 2**24) * 2**7
     p32 = float(torch.tensor(probability, dtype=torch.float32))
     cut = math.ceil(p32 * (1 << 24))
-    threshold = max(cut, 0) << 7
-    if cut >= 1 << 24:
+    return None if cut >= 1 << 24 else max(cut, 0) << 7
+
+
+def bernoulli_draws(seed: int, probability: float, start: int, end: int) -> Optional[native.Draws]:
+    """What the fused loops need to draw `bernoulli`'s mask for [start, end) themselves (None: keep all)."""
+    threshold = keep_threshold(probability)
+    return None if threshold is None else native.Draws(_block_seeds(seed, start, end), threshold, RNG_BLOCK)
+
+
+def bernoulli(seed: int, probability: float, start: int, end: int, device: torch.device) -> Tensor:
+    """``uniform(seed, start, end) < probability`` without the floats: one integer comparison per draw."""
+    threshold = keep_threshold(probability)
+    if threshold is None:
         return torch.ones(end - start, dtype=torch.bool, device=device)
     if device.type == "cpu" and native.available():
         return native.bernoulli(start, end, RNG_BLOCK, _block_seeds(seed, start, end), threshold)

@@ -7,8 +7,8 @@ import torch
 
 from merging import MergeOptions, native, parse_config, run_merge
 from merging import execute as execute_module
-from merging.methods import REGISTRY, WholeTensor, linear, linear_narrow, prepare_slerp
-from merging.selection import TopK, bernoulli
+from merging.methods import REGISTRY, WholeTensor, linear, linear_narrow, prepare_slerp, row_sums
+from merging.selection import TopK, bernoulli, bernoulli_draws
 from tiny_models import load_state
 
 needs_native = pytest.mark.skipif(not native.available(), reason="no C compiler to build the fused loops")
@@ -138,15 +138,62 @@ def test_fused_slerp_from_bfloat16_is_bit_identical_to_torch(t):
 
 
 @needs_native
-@pytest.mark.parametrize("method", ["linear", "slerp"])
+@pytest.mark.parametrize("name, overrides", [
+    ("ties", {}), ("ties", {"normalize": False, "lambda": 0.6}), ("dare_ties", {}), ("dare_linear", {}),
+    ("task_arithmetic", {"normalize": True}),
+])
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
+def test_fused_task_merges_from_bfloat16_are_bit_identical_to_torch(name, overrides, out_dtype):
+    base, models = _inputs(3, shape=(41, 300))  # rows longer than a block of the loops
+    base, models = base.bfloat16(), [m.bfloat16() for m in models]
+    wide = WholeTensor(base.float(), [m.float() for m in models])
+    kernel = REGISTRY[name].prepare(wide, base.numel(), **_params(name, 3, **overrides))
+    for offset in (0, 7 * 300):  # a chunk of whole rows, anywhere in the tensor
+        rows = slice(offset // 300, None)
+        chunk_base, chunk_models = base[rows].contiguous(), [m[rows].contiguous() for m in models]
+        fused = kernel.narrow(chunk_base, chunk_models, offset, out_dtype)
+        if fused is None:  # only the chunk where TIES cuts through the ties at its threshold declines
+            assert name == "ties" and offset == 0
+            continue
+        plain = kernel(chunk_base.float(), [m.float() for m in chunk_models], offset).to(out_dtype)
+        assert fused.dtype == out_dtype and torch.equal(fused, plain)
+    assert kernel.narrow(base.half(), [m.half() for m in models], 0, out_dtype) is None
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fused_l1_sums_add_in_the_order_row_sums_defines(dtype):
+    g = torch.Generator().manual_seed(2)
+    shape = (6, 1000)  # 1000 columns: several blocks of the loops and a partial group of lanes
+    base = torch.randn(shape, generator=g).to(dtype)
+    model = (base.float() + torch.randn(shape, generator=g) * 10.0 ** torch.randint(-9, 2, shape, generator=g))
+    base[0], model[0] = 0.0, 2.0 ** -54
+    model[0, 0] = 1.0  # summed in one running sum, 1 + 2**-54 + ... stays 1; in lanes the small ones count
+    model = model.to(dtype)
+    position = 262_000  # the rows straddle two RNG blocks
+    draws = bernoulli_draws(5, 0.4, position, position + base.numel())
+    totals, kept = native.l1_sums(model, base, draws, position)
+    magnitude = (model.float() - base.float()).abs()
+    keep = bernoulli(5, 0.4, position, position + base.numel(), torch.device("cpu")).view(shape)
+    assert totals == row_sums(magnitude) and kept == row_sums(magnitude * keep)
+    assert totals[0] > 1.0 == float(magnitude[0].double().cumsum(0)[-1])  # the order shows
+
+
+@needs_native
+@pytest.mark.parametrize("method", ["linear", "slerp", "ties", "dare_ties"])
 def test_bfloat16_merges_match_with_and_without_the_fused_loops(method, llama, tmp_path, monkeypatch, torch_only):
     ft1, ft2 = llama.finetune(1, dtype=torch.bfloat16), llama.finetune(2, dtype=torch.bfloat16)
     if method == "linear":
         text = (f"merge_method: linear\nmodels:\n  - {{model: {ft1}, parameters: {{weight: 0.6}}}}\n"
                 f"  - {{model: {ft2}, parameters: {{weight: 0.3}}}}\ndtype: bfloat16\n")
-    else:
+    elif method == "slerp":
         text = (f"merge_method: slerp\nbase_model: {ft1}\nmodels:\n  - {{model: {ft1}}}\n  - {{model: {ft2}}}\n"
                 f"parameters: {{t: [0, 0.3, 0.7, 1]}}\ndtype: bfloat16\n")
+    else:
+        base = llama.base(dtype=torch.bfloat16)
+        text = (f"merge_method: {method}\nbase_model: {base}\nmodels:\n  - {{model: {base}}}\n"
+                f"  - {{model: {ft1}, parameters: {{weight: 0.6, density: 0.3}}}}\n"
+                f"  - {{model: {ft2}, parameters: {{weight: 0.4, density: 0.5}}}}\ndtype: bfloat16\n")
     monkeypatch.setattr(execute_module, "CHUNK_ELEMENTS", 100)
     run_merge(parse_config(text), tmp_path / "fused", options=MergeOptions(workers=2))
     torch_only()
