@@ -83,13 +83,35 @@ static void draw(int64_t position, int64_t n, int64_t block_size, const int64_t 
     }
 }
 
+/* Keep masks packed 8 to a byte (bit k of byte i is position 8i + k), kept between DARE's
+ * passes: unpacking costs a fraction of drawing again. Multiplying by these constants moves
+ * eight 0/1 bytes into one byte's bits and back without carries (each product bit has one source). */
+static void pack(const uint8_t *keep, int64_t n, uint8_t *bits) {  /* n: a multiple of 8 */
+    for (int64_t i = 0; i < n; i += 8) {
+        uint64_t eight;
+        memcpy(&eight, keep + i, 8);
+        bits[i >> 3] = (uint8_t)((eight * 0x0102040810204080ull) >> 56);
+    }
+}
+
+static void unpack(const uint8_t *bits, int64_t n, float *keep) {
+    uint8_t bytes[BLOCK];
+    for (int64_t i = 0; i < n; i += 8) {
+        const uint64_t spread = (bits[i >> 3] * 0x0101010101010101ull) & 0x8040201008040201ull;
+        const uint64_t eight = ((spread + 0x7F7F7F7F7F7F7F7Full) >> 7) & 0x0101010101010101ull;
+        memcpy(bytes + i, &eight, 8);
+    }
+    for (int64_t i = 0; i < n; i++) keep[i] = (float)bytes[i];
+}
+
 /* methods.task_arithmetic_family's kernel followed by methods.combine_deltas, for the chunk at
- * flat position `position`. Per model j: delta = (model - base) [* DARE's keep mask, drawn with
- * seeds[j] (NULL: no mask) and thresholds[j]] -> hardshrink(bounds[j]) -> * factors[j] -> weighted
+ * flat position `position`. Per model j: delta = (model - base) [* DARE's keep mask: packed in
+ * bits[j], else drawn with seeds[j] and thresholds[j], else none] -> hardshrink(bounds[j]) -> * factors[j] -> weighted
  * combination (TIES sign election when `consensus`), normalized, scaled, plus the base.
  * Each inner loop is branch-free so that it vectorizes; the branches pick loops per block. */
 void ml_task_merge(const void *base_in, const void *const *models_in, int32_t in_bf16,
-                   const int64_t *const *seeds, const int32_t *thresholds, int64_t position, int64_t block_size,
+                   const uint8_t *const *bits, const int64_t *const *seeds, const int32_t *thresholds,
+                   int64_t position, int64_t block_size,
                    const float *bounds, const float *factors, const float *weights, int32_t count,
                    int64_t n, int32_t consensus, int32_t normalize, float divisor, float scale,
                    void *out, int32_t out_bf16) {
@@ -103,8 +125,12 @@ void ml_task_merge(const void *base_in, const void *const *models_in, int32_t in
         for (int32_t j = 0; j < count; j++) {
             const float *m = load(models_in[j], in_bf16, start, size, model_block);
             const float bound = bounds[j], factor = factors[j], w = weights[j];
-            if (seeds[j]) {
-                draw(position + start, size, block_size, seeds[j], first_block, thresholds[j], NULL, keep);
+            if (bits[j] || seeds[j]) {
+                if (bits[j]) {
+                    unpack(bits[j] + start / 8, size, keep);  /* blocks start at multiples of 8 */
+                } else {
+                    draw(position + start, size, block_size, seeds[j], first_block, thresholds[j], NULL, keep);
+                }
                 for (int64_t i = 0; i < size; i++) delta[i] = shrink((m[i] - b[i]) * keep[i], bound) * factor;
             } else {
                 for (int64_t i = 0; i < size; i++) delta[i] = shrink(m[i] - b[i], bound) * factor;
@@ -203,12 +229,14 @@ void ml_bernoulli(int64_t start, int64_t n, int64_t block_size, const int64_t *s
 /* DARE's L1 sums for a chunk of `rows` rows of `cols` starting at flat position `position`, per
  * row: of |values - base|, and of |values - base| * keep with the mask selection.bernoulli draws
  * for (seeds, threshold). Each row sums in float64 as methods.row_sums defines it: LANES running
- * sums, lane k taking columns k, k + LANES, ... in order, then the lanes added in order. */
+ * sums, lane k taking columns k, k + LANES, ... in order, then the lanes added in order.
+ * With `bits` (rows of a multiple of 8 columns), the mask is also packed there for the merge pass. */
 #define LANES 16
 void ml_l1_sums(const void *values_in, const void *base_in, int32_t in_bf16, int64_t rows, int64_t cols,
                 int64_t position, int64_t block_size, const int64_t *seeds, int32_t threshold,
-                double *totals, double *kepts) {
-    float value_block[BLOCK], base_block[BLOCK], magnitude[BLOCK], kept[BLOCK], keep[BLOCK];
+                double *totals, double *kepts, uint8_t *bits) {
+    float value_block[BLOCK], base_block[BLOCK], magnitude[BLOCK], kept[BLOCK];
+    uint8_t keep[BLOCK];
     const int64_t first_block = position / block_size;
     for (int64_t r = 0; r < rows; r++) {
         double total[LANES] = {0.0}, kept_total[LANES] = {0.0};
@@ -216,10 +244,11 @@ void ml_l1_sums(const void *values_in, const void *base_in, int32_t in_bf16, int
             const int64_t size = cols - column < BLOCK ? cols - column : BLOCK, start = r * cols + column;
             const float *x = load(values_in, in_bf16, start, size, value_block);
             const float *b = load(base_in, in_bf16, start, size, base_block);
-            draw(position + start, size, block_size, seeds, first_block, threshold, NULL, keep);
+            draw(position + start, size, block_size, seeds, first_block, threshold, keep, NULL);
+            if (bits) pack(keep, size, bits + start / 8);
             for (int64_t i = 0; i < size; i++) {
                 magnitude[i] = fabsf(x[i] - b[i]);
-                kept[i] = magnitude[i] * keep[i];
+                kept[i] = magnitude[i] * (float)keep[i];
             }
             const int64_t whole = size / LANES * LANES;
             for (int64_t g = 0; g < whole; g += LANES) {

@@ -30,7 +30,7 @@ import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 
@@ -50,14 +50,14 @@ _loaded = False
 
 _P = ctypes.c_void_p
 _SIGNATURES = {
-    "ml_task_merge": [_P, _P, ctypes.c_int32, _P, _P, ctypes.c_int64, ctypes.c_int64, _P, _P, _P, ctypes.c_int32,
+    "ml_task_merge": [_P, _P, ctypes.c_int32, _P, _P, _P, ctypes.c_int64, ctypes.c_int64, _P, _P, _P, ctypes.c_int32,
                       ctypes.c_int64, ctypes.c_int32, ctypes.c_int32, ctypes.c_float, ctypes.c_float, _P,
                       ctypes.c_int32],
     "ml_bracket_scan": [_P, _P, ctypes.c_int32, ctypes.c_int64, ctypes.c_float, ctypes.c_float, _P, ctypes.c_int64,
                         _P],
     "ml_bernoulli": [ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, _P, ctypes.c_int32, _P],
     "ml_l1_sums": [_P, _P, ctypes.c_int32, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, _P,
-                   ctypes.c_int32, _P, _P],
+                   ctypes.c_int32, _P, _P, _P],
     "ml_linear_bf16": [_P, _P, ctypes.c_int32, ctypes.c_int64, ctypes.c_int32, ctypes.c_float, _P],
     "ml_axpby_bf16": [_P, _P, ctypes.c_float, ctypes.c_float, ctypes.c_int64, _P],
 }
@@ -170,23 +170,29 @@ class Draws:
     block_size: int
 
 
-def task_merge(base: Tensor, models: Sequence[Tensor], draws: Sequence[Optional[Draws]], bounds: Sequence[float],
+Mask = Union[None, Draws, Tensor]  # no mask, one to draw, or one `l1_sums` packed (uint8, 8 positions a byte)
+
+
+def task_merge(base: Tensor, models: Sequence[Tensor], masks: Sequence[Mask], bounds: Sequence[float],
                factors: Sequence[float], weights: Sequence[float], *, position: int, consensus: bool,
                normalize: bool, divisor: float, scale: float, out_dtype: torch.dtype = torch.float32) -> Tensor:
     """`methods.combine_deltas` over deltas `(model - base) * mask`, hardshrunk at `bounds`, times
     `factors`, for the chunk at flat `position`, in `out_dtype` (float32 or bfloat16).
 
-    A bound of -inf keeps every entry, +inf none; model i's mask is drawn from `draws[i]` (None:
-    no mask). `divisor` normalizes a sum without sign election. The inputs must be `taken`.
+    A bound of -inf keeps every entry, +inf none. `divisor` normalizes a sum without sign
+    election. The inputs must be `taken`.
     """
     out = torch.empty(base.shape, dtype=out_dtype)
+    draws = [m if isinstance(m, Draws) else None for m in masks]
+    packed = [m if isinstance(m, Tensor) else None for m in masks]
     seeds = [_int64s(d.block_seeds) if d is not None else None for d in draws]
-    thresholds = (ctypes.c_int32 * len(draws))(*[d.threshold if d is not None else 0 for d in draws])
-    block_size = next((d.block_size for d in draws if d is not None), 1)
     seed_pointers = (_P * len(seeds))(*[ctypes.addressof(a) if a is not None else None for a in seeds])
+    thresholds = (ctypes.c_int32 * len(draws))(*[d.threshold if d is not None else 0 for d in draws])
+    block_size = next((d.block_size for d in draws if d is not None), 1 << 62)  # no draws: one RNG block
     _load().ml_task_merge(
-        base.data_ptr(), _pointers(models), _KINDS[base.dtype], seed_pointers, thresholds, position, block_size, _floats(bounds), _floats(factors), _floats(weights), len(models),
-        base.numel(), int(consensus), int(normalize), divisor, scale, out.data_ptr(), _KINDS[out_dtype])
+        base.data_ptr(), _pointers(models), _KINDS[base.dtype], _pointers(packed), seed_pointers, thresholds, position,
+        block_size, _floats(bounds), _floats(factors), _floats(weights), len(models), base.numel(), int(consensus),
+        int(normalize), divisor, scale, out.data_ptr(), _KINDS[out_dtype])
     return out
 
 
@@ -209,14 +215,24 @@ def bernoulli(start: int, end: int, block_size: int, block_seeds: Sequence[int],
     return keep
 
 
-def l1_sums(values: Tensor, base: Tensor, draws: Draws, position: int) -> tuple[list[float], list[float]]:
+def packed_mask(numel: int) -> Tensor:
+    """Room for a chunk's keep mask, 8 positions a byte, for `l1_sums` to fill."""
+    return torch.empty((numel + 7) // 8, dtype=torch.uint8)
+
+
+def l1_sums(values: Tensor, base: Tensor, draws: Draws, position: int,
+            packed: Optional[Tensor] = None) -> tuple[list[float], list[float]]:
     """`methods.row_sums` of |values - base| and of |values - base| * the mask `draws` draws, for
-    the `taken` chunk at flat `position`, without building either."""
+    the `taken` chunk at flat `position`, without building either. With `packed` (from
+    `packed_mask`; rows of a multiple of 8 values), the mask is also kept there, for `task_merge`."""
     rows = values.shape[0] if values.dim() else 1
+    cols = values.numel() // max(1, rows)
+    if packed is not None and (cols % 8 or packed.numel() != (values.numel() + 7) // 8):
+        raise ValueError("a packed mask needs rows of a multiple of 8 values and room for every one")
     totals, kept = torch.empty(rows, dtype=torch.float64), torch.empty(rows, dtype=torch.float64)
-    _load().ml_l1_sums(values.data_ptr(), base.data_ptr(), _KINDS[values.dtype], rows, values.numel() // max(1, rows),
-                       position, draws.block_size, _int64s(draws.block_seeds), draws.threshold, totals.data_ptr(),
-                       kept.data_ptr())
+    _load().ml_l1_sums(values.data_ptr(), base.data_ptr(), _KINDS[values.dtype], rows, cols, position,
+                       draws.block_size, _int64s(draws.block_seeds), draws.threshold, totals.data_ptr(),
+                       kept.data_ptr(), packed.data_ptr() if packed is not None else None)
     return totals.tolist(), kept.tolist()
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import math
+
 import pytest
 import torch
 
@@ -177,6 +180,23 @@ def test_fused_l1_sums_add_in_the_order_row_sums_defines(dtype):
     keep = bernoulli(5, 0.4, position, position + base.numel(), torch.device("cpu")).view(shape)
     assert totals == row_sums(magnitude) and kept == row_sums(magnitude * keep)
     assert totals[0] > 1.0 == float(magnitude[0].double().cumsum(0)[-1])  # the order shows
+
+
+@needs_native
+def test_masks_packed_by_the_l1_pass_are_the_masks_drawn_again():
+    g = torch.Generator().manual_seed(4)
+    base = torch.randn(5, 344, generator=g).bfloat16()  # 1720 values: blocks of the loops and a partial one
+    models = [(base.float() + torch.randn(5, 344, generator=g)).bfloat16() for _ in range(2)]
+    position = 262_000  # across two RNG blocks
+    draws = [bernoulli_draws(seed, 0.3, position, position + base.numel()) for seed in (1, 2)]
+    packed = [native.packed_mask(base.numel()) for _ in models]
+    for model, d, p in zip(models, draws, packed):
+        assert native.l1_sums(model, base, d, position, p) == native.l1_sums(model, base, d, position)
+    merge = functools.partial(native.task_merge, base, models, bounds=[-math.inf] * 2, factors=[1.5, 2.0],
+                              weights=[0.6, 0.4], position=position, consensus=True, normalize=True, divisor=1.0,
+                              scale=1.0, out_dtype=torch.bfloat16)
+    assert torch.equal(merge(packed), merge(draws))
+    assert not torch.equal(merge(packed), merge([draws[1], draws[0]]))
 
 
 @needs_native
