@@ -529,9 +529,8 @@ def task_arithmetic_family(sparsify: Optional[Sparsify], consensus: bool) -> Cal
                 for i in pruned:
                     draws = bernoulli_draws(seeds[i], density[i], offset, offset + base.numel())
                     if draws is not None and native.takes(models[i], base):
-                        rows = base.shape[0] if base.dim() else 1
-                        packed = native.packed_mask(base.numel()) if base.numel() // rows % 8 == 0 else None
-                        sums.append(native.l1_sums(models[i], base, draws, offset, packed))
+                        total, kept, packed = native.l1_sums(models[i], base, draws, offset, pack=True)
+                        sums.append((total, kept))
                         if packed is not None:
                             packed_masks[(i, offset)] = packed
                         continue

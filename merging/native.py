@@ -215,25 +215,19 @@ def bernoulli(start: int, end: int, block_size: int, block_seeds: Sequence[int],
     return keep
 
 
-def packed_mask(numel: int) -> Tensor:
-    """Room for a chunk's keep mask, 8 positions a byte, for `l1_sums` to fill."""
-    return torch.empty((numel + 7) // 8, dtype=torch.uint8)
-
-
 def l1_sums(values: Tensor, base: Tensor, draws: Draws, position: int,
-            packed: Optional[Tensor] = None) -> tuple[list[float], list[float]]:
+            pack: bool = False) -> tuple[list[float], list[float], Optional[Tensor]]:
     """`methods.row_sums` of |values - base| and of |values - base| * the mask `draws` draws, for
-    the `taken` chunk at flat `position`, without building either. With `packed` (from
-    `packed_mask`; rows of a multiple of 8 values), the mask is also kept there, for `task_merge`."""
+    the `taken` chunk at flat `position`, without building either; with `pack`, also the mask,
+    packed 8 positions a byte, for `task_merge` (None where rows are not a multiple of 8 long)."""
     rows = values.shape[0] if values.dim() else 1
     cols = values.numel() // max(1, rows)
-    if packed is not None and (cols % 8 or packed.numel() != (values.numel() + 7) // 8):
-        raise ValueError("a packed mask needs rows of a multiple of 8 values and room for every one")
+    packed = torch.empty((values.numel() + 7) // 8, dtype=torch.uint8) if pack and cols % 8 == 0 else None
     totals, kept = torch.empty(rows, dtype=torch.float64), torch.empty(rows, dtype=torch.float64)
     _load().ml_l1_sums(values.data_ptr(), base.data_ptr(), _KINDS[values.dtype], rows, cols, position,
                        draws.block_size, _int64s(draws.block_seeds), draws.threshold, totals.data_ptr(),
                        kept.data_ptr(), packed.data_ptr() if packed is not None else None)
-    return totals.tolist(), kept.tolist()
+    return totals.tolist(), kept.tolist(), packed
 
 
 def linear_bf16(models: Sequence[Tensor], weights: Sequence[float], *, normalize: bool, divisor: float) -> Tensor:

@@ -175,7 +175,7 @@ def test_fused_l1_sums_add_in_the_order_row_sums_defines(dtype):
     model = model.to(dtype)
     position = 262_000  # the rows straddle two RNG blocks
     draws = bernoulli_draws(5, 0.4, position, position + base.numel())
-    totals, kept = native.l1_sums(model, base, draws, position)
+    totals, kept, _ = native.l1_sums(model, base, draws, position)
     magnitude = (model.float() - base.float()).abs()
     keep = bernoulli(5, 0.4, position, position + base.numel(), torch.device("cpu")).view(shape)
     assert totals == row_sums(magnitude) and kept == row_sums(magnitude * keep)
@@ -189,9 +189,11 @@ def test_masks_packed_by_the_l1_pass_are_the_masks_drawn_again():
     models = [(base.float() + torch.randn(5, 344, generator=g)).bfloat16() for _ in range(2)]
     position = 262_000  # across two RNG blocks
     draws = [bernoulli_draws(seed, 0.3, position, position + base.numel()) for seed in (1, 2)]
-    packed = [native.packed_mask(base.numel()) for _ in models]
-    for model, d, p in zip(models, draws, packed):
-        assert native.l1_sums(model, base, d, position, p) == native.l1_sums(model, base, d, position)
+    packed = []
+    for model, d in zip(models, draws):
+        *sums, mask = native.l1_sums(model, base, d, position, pack=True)
+        assert sums == list(native.l1_sums(model, base, d, position)[:2]) and mask is not None
+        packed.append(mask)
     merge = functools.partial(native.task_merge, base, models, bounds=[-math.inf] * 2, factors=[1.5, 2.0],
                               weights=[0.6, 0.4], position=position, consensus=True, normalize=True, divisor=1.0,
                               scale=1.0, out_dtype=torch.bfloat16)
