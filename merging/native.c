@@ -48,12 +48,11 @@ static inline void store(void *dst, int32_t bf16, int64_t start, int64_t size, c
     for (int64_t i = 0; i < size; i++) h[i] = narrow(values[i]);
 }
 
-/* selection.bernoulli's draws for flat positions [position, position + n): kept where the hash of
- * selection._block_hash (int32 arithmetic wrapping as torch's, arithmetic shifts) is below
- * `threshold`; written as 0/1 bytes to `bytes`, else as 0.0/1.0 floats to `floats`.
- * seeds[k] is the stream seed of RNG block first_block + k. */
+/* selection.bernoulli's draws for flat positions [position, position + n): keep[i] = 1 where the
+ * hash of selection._block_hash (int32 arithmetic wrapping as torch's, arithmetic shifts) is below
+ * `threshold`, else 0. seeds[k] is the stream seed of RNG block first_block + k. */
 static void draw(int64_t position, int64_t n, int64_t block_size, const int64_t *seeds, int64_t first_block,
-                 int32_t threshold, uint8_t *bytes, float *floats) {
+                 int32_t threshold, uint8_t *keep) {
     const uint32_t mix1 = 0x85EBCA6Bu, mix2 = 0xC2B2AE35u;
     for (int64_t done = 0; done < n;) {
         const int64_t at = position + done;
@@ -64,21 +63,16 @@ static void draw(int64_t position, int64_t n, int64_t block_size, const int64_t 
         const uint64_t seed = (uint64_t)seeds[block - first_block];
         const uint32_t multiplier = (uint32_t)seed | 1u, offset = (uint32_t)(seed >> 32);
         const uint32_t first = (uint32_t)local;
-#define HASH(i)                                                                     \
-    int32_t z = (int32_t)((first + (uint32_t)(i)) * multiplier + offset);           \
-    z ^= z >> 16;                                                                   \
-    z = (int32_t)((uint32_t)z * mix1);                                              \
-    z ^= z >> 13;                                                                   \
-    z = (int32_t)((uint32_t)z * mix2);                                              \
-    z ^= z >> 16;
-        if (bytes) {
-            uint8_t *out = bytes + done;
-            for (int32_t i = 0; i < (int32_t)size; i++) { HASH(i) out[i] = z < threshold; }
-        } else {
-            float *out = floats + done;
-            for (int32_t i = 0; i < (int32_t)size; i++) { HASH(i) out[i] = (float)(z < threshold); }
+        uint8_t *out = keep + done;
+        for (int32_t i = 0; i < (int32_t)size; i++) {
+            int32_t z = (int32_t)((first + (uint32_t)i) * multiplier + offset);
+            z ^= z >> 16;
+            z = (int32_t)((uint32_t)z * mix1);
+            z ^= z >> 13;
+            z = (int32_t)((uint32_t)z * mix2);
+            z ^= z >> 16;
+            out[i] = z < threshold;
         }
-#undef HASH
         done += size;
     }
 }
@@ -94,14 +88,12 @@ static void pack(const uint8_t *keep, int64_t n, uint8_t *bits) {  /* n: a multi
     }
 }
 
-static void unpack(const uint8_t *bits, int64_t n, float *keep) {
-    uint8_t bytes[BLOCK];
+static void unpack(const uint8_t *bits, int64_t n, uint8_t *keep) {  /* keep: room for n rounded up to 8 */
     for (int64_t i = 0; i < n; i += 8) {
         const uint64_t spread = (bits[i >> 3] * 0x0101010101010101ull) & 0x8040201008040201ull;
         const uint64_t eight = ((spread + 0x7F7F7F7F7F7F7F7Full) >> 7) & 0x0101010101010101ull;
-        memcpy(bytes + i, &eight, 8);
+        memcpy(keep + i, &eight, 8);
     }
-    for (int64_t i = 0; i < n; i++) keep[i] = (float)bytes[i];
 }
 
 /* methods.task_arithmetic_family's kernel followed by methods.combine_deltas, for the chunk at
@@ -117,6 +109,7 @@ void ml_task_merge(const void *base_in, const void *const *models_in, int32_t in
                    void *out, int32_t out_bf16) {
     float delta[BLOCK], total[BLOCK], magnitude[BLOCK], signed_weight[BLOCK], support[BLOCK];
     float base_block[BLOCK], model_block[BLOCK], keep[BLOCK];
+    uint8_t kept[BLOCK];
     const int64_t first_block = position / block_size;
     for (int64_t start = 0; start < n; start += BLOCK) {
         const int64_t size = n - start < BLOCK ? n - start : BLOCK;
@@ -127,10 +120,11 @@ void ml_task_merge(const void *base_in, const void *const *models_in, int32_t in
             const float bound = bounds[j], factor = factors[j], w = weights[j];
             if (bits[j] || seeds[j]) {
                 if (bits[j]) {
-                    unpack(bits[j] + start / 8, size, keep);  /* blocks start at multiples of 8 */
+                    unpack(bits[j] + start / 8, size, kept);  /* blocks start at multiples of 8 */
                 } else {
-                    draw(position + start, size, block_size, seeds[j], first_block, thresholds[j], NULL, keep);
+                    draw(position + start, size, block_size, seeds[j], first_block, thresholds[j], kept);
                 }
+                for (int64_t i = 0; i < size; i++) keep[i] = (float)kept[i];
                 for (int64_t i = 0; i < size; i++) delta[i] = shrink((m[i] - b[i]) * keep[i], bound) * factor;
             } else {
                 for (int64_t i = 0; i < size; i++) delta[i] = shrink(m[i] - b[i], bound) * factor;
@@ -223,7 +217,7 @@ void ml_bracket_scan(const void *values_in, const void *base_in, int32_t in_bf16
  * seeds[k] is the stream seed of block start / block_size + k. */
 void ml_bernoulli(int64_t start, int64_t n, int64_t block_size, const int64_t *seeds, int32_t threshold,
                   uint8_t *keep) {
-    draw(start, n, block_size, seeds, start / block_size, threshold, keep, NULL);
+    draw(start, n, block_size, seeds, start / block_size, threshold, keep);
 }
 
 /* DARE's L1 sums for a chunk of `rows` rows of `cols` starting at flat position `position`, per
@@ -244,7 +238,7 @@ void ml_l1_sums(const void *values_in, const void *base_in, int32_t in_bf16, int
             const int64_t size = cols - column < BLOCK ? cols - column : BLOCK, start = r * cols + column;
             const float *x = load(values_in, in_bf16, start, size, value_block);
             const float *b = load(base_in, in_bf16, start, size, base_block);
-            draw(position + start, size, block_size, seeds, first_block, threshold, keep, NULL);
+            draw(position + start, size, block_size, seeds, first_block, threshold, keep);
             if (bits) pack(keep, size, bits + start / 8);
             for (int64_t i = 0; i < size; i++) {
                 magnitude[i] = fabsf(x[i] - b[i]);

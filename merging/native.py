@@ -133,13 +133,15 @@ def fits(*tensors: Tensor, dtype: torch.dtype = torch.float32) -> bool:
     return all(t.device.type == "cpu" and t.dtype == dtype and t.is_contiguous() for t in tensors) and available()
 
 
+_KINDS = {torch.float32: 0, torch.bfloat16: 1}  # native.c's `bf16` flag
+
+
 def takes(*tensors: Tensor) -> bool:
     """Whether the loops that read float32 or bfloat16 can take these tensors: contiguous, in CPU
     memory, all float32 or all bfloat16."""
     return bool(tensors) and tensors[0].dtype in _KINDS and fits(*tensors, dtype=tensors[0].dtype)
 
 
-_KINDS = {torch.float32: 0, torch.bfloat16: 1}
 SUM_LANES = 16  # native.c's LANES: the order in which `l1_sums` adds (methods.row_sums defines it)
 
 
