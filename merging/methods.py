@@ -199,22 +199,30 @@ def random_keep(seed: int, density: float, like: Tensor, offset: int = 0) -> Ten
 
 
 def row_sums(values: Tensor) -> list[float]:
-    """Float64 sums of the first dimension's rows: a chunk's partial sums that do not depend on the chunking.
+    """Sums of the first dimension's rows: a chunk's partial sums that do not depend on the chunking.
 
     On the CPU each row adds in a fixed order, which the fused loops (`native.l1_sums`) follow
-    without building `values`: `native.SUM_LANES` running sums, lane k taking columns k, k + SUM_LANES, ...
-    in turn, then the lanes in turn. Torch's `cumsum` adds in exactly that order; `sum` does not
-    promise one. Python floats, not a tensor: small tensors kept across a pass would pin the heap
-    pages that the chunks' large temporaries are freed into.
+    without building `values`: in segments of `native.SUM_SEGMENT` columns, `native.SUM_LANES`
+    running sums in the values' dtype (lane k taking the segment's columns k, k + SUM_LANES, ...
+    in turn); each segment's lanes are added in float64 to the row's lanes, and those in turn.
+    Float64 only between segments: converting every value to float64 cost the loops half their
+    time. Torch's float64 `cumsum` adds in order; `sum` does not promise one. Python floats, not a
+    tensor: small tensors kept across a pass would pin the heap pages that the chunks' large
+    temporaries are freed into.
     """
-    rows = values.reshape(values.shape[0] if values.dim() else 1, -1).double()
+    rows = values.reshape(values.shape[0] if values.dim() else 1, -1)
     if not rows.shape[1]:
         return [0.0] * rows.shape[0]
     if rows.device.type != "cpu":  # GPU reductions add in their own order: close, not bit-identical
-        return rows.sum(dim=1).tolist()
-    rows = F.pad(rows, (0, -rows.shape[1] % native.SUM_LANES))
-    lanes = rows.view(rows.shape[0], -1, native.SUM_LANES).cumsum(dim=1)[:, -1]
-    return lanes.cumsum(dim=1)[:, -1].tolist()
+        return rows.double().sum(dim=1).tolist()
+    segment, lanes = native.SUM_SEGMENT, native.SUM_LANES
+    rows = F.pad(rows, (0, -rows.shape[1] % segment))  # zeros change no sum
+    groups = rows.view(rows.shape[0], -1, segment // lanes, lanes)  # (row, segment, group, lane)
+    segment_lanes = groups[:, :, 0].clone()
+    for group in range(1, segment // lanes):
+        segment_lanes += groups[:, :, group]
+    row_lanes = segment_lanes.double().cumsum(dim=1)[:, -1]
+    return row_lanes.cumsum(dim=1)[:, -1].tolist()
 
 
 def exact_total(parts: Iterator[list[float]]) -> float:

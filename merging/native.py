@@ -9,7 +9,8 @@ copies of its inputs; DARE's loops draw their masks as they go.
 
 The loops mirror the torch code in `methods` and `selection` operation by operation, so results
 are bit-identical with or without them (the tests compare both). The sums they take (DARE's L1
-sums) are defined by an order of additions that torch's `cumsum` reproduces (`methods.row_sums`).
+sums) are defined by an order of additions that torch reproduces (`methods.row_sums`). The
+merge loops work eight float32 lanes at a time with GCC/Clang vector extensions.
 
 They are compiled with the system C compiler (``$CC``, else ``cc``) into
 ``$MERGELINE_CACHE`` (default ``~/.cache/mergeline``) the first time a merge needs them, for this
@@ -142,7 +143,8 @@ def takes(*tensors: Tensor) -> bool:
     return bool(tensors) and tensors[0].dtype in _KINDS and fits(*tensors, dtype=tensors[0].dtype)
 
 
-SUM_LANES = 16  # native.c's LANES: the order in which `l1_sums` adds (methods.row_sums defines it)
+# native.c's LANES and SEGMENT: the order in which `l1_sums` adds (methods.row_sums defines it).
+SUM_LANES, SUM_SEGMENT = 16, 256
 
 
 def widened(tensor: Tensor) -> Tensor:
@@ -170,6 +172,10 @@ class Draws:
     block_seeds: Sequence[int]
     threshold: int
     block_size: int
+
+    def __post_init__(self) -> None:
+        if self.block_size <= 0 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"RNG blocks of {self.block_size} positions: the loops need a power of two")
 
 
 Mask = Union[None, Draws, Tensor]  # no mask, one to draw, or one `l1_sums` packed (uint8, 8 positions a byte)

@@ -167,19 +167,23 @@ def test_fused_task_merges_from_bfloat16_are_bit_identical_to_torch(name, overri
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_fused_l1_sums_add_in_the_order_row_sums_defines(dtype):
     g = torch.Generator().manual_seed(2)
-    shape = (6, 1000)  # 1000 columns: several blocks of the loops and a partial group of lanes
+    shape = (6, 1000)  # 1000 columns: several segments and a partial group of lanes
     base = torch.randn(shape, generator=g).to(dtype)
     model = (base.float() + torch.randn(shape, generator=g) * 10.0 ** torch.randint(-9, 2, shape, generator=g))
     base[0], model[0] = 0.0, 2.0 ** -54
     model[0, 0] = 1.0  # summed in one running sum, 1 + 2**-54 + ... stays 1; in lanes the small ones count
+    base[1], model[1] = 0.0, 2.0 ** -24
+    for segment in range(0, 1000, native.SUM_SEGMENT):  # every lane starts at 1: float32 rounds 1 + 2**-24 to 1
+        model[1, segment:segment + native.SUM_LANES] = 1.0
     model = model.to(dtype)
-    position = 262_000  # the rows straddle two RNG blocks
+    position = 262_003  # the rows straddle two RNG blocks, between two groups of 8
     draws = bernoulli_draws(5, 0.4, position, position + base.numel())
     totals, kept, _ = native.l1_sums(model, base, draws, position)
     magnitude = (model.float() - base.float()).abs()
     keep = bernoulli(5, 0.4, position, position + base.numel(), torch.device("cpu")).view(shape)
     assert totals == row_sums(magnitude) and kept == row_sums(magnitude * keep)
     assert totals[0] > 1.0 == float(magnitude[0].double().cumsum(0)[-1])  # the order shows
+    assert totals[1] == 64.0 < float(magnitude[1].double().sum())  # so do the float32 segments
 
 
 @needs_native
@@ -187,7 +191,7 @@ def test_masks_packed_by_the_l1_pass_are_the_masks_drawn_again():
     g = torch.Generator().manual_seed(4)
     base = torch.randn(5, 344, generator=g).bfloat16()  # 1720 values: blocks of the loops and a partial one
     models = [(base.float() + torch.randn(5, 344, generator=g)).bfloat16() for _ in range(2)]
-    position = 262_000  # across two RNG blocks
+    position = 262_005  # across two RNG blocks, between two groups of 8
     draws = [bernoulli_draws(seed, 0.3, position, position + base.numel()) for seed in (1, 2)]
     packed = []
     for model, d in zip(models, draws):
