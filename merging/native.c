@@ -38,29 +38,6 @@ static inline const float *load(const void *src, int32_t bf16, int64_t start, in
 }
 
 
-/* selection._block_hash for position `local` of an RNG block with seed `seed`: an odd multiplier
- * and an offset from the seed, then MurmurHash3's finalizer with arithmetic shifts (torch has no
- * uint32), in int32 arithmetic wrapping as torch's. */
-static inline int32_t hash1(uint32_t local, uint64_t seed) {
-    int32_t z = (int32_t)(local * ((uint32_t)seed | 1u) + (uint32_t)(seed >> 32));
-    z ^= z >> 16;
-    z = (int32_t)((uint32_t)z * MIX1);
-    z ^= z >> 13;
-    z = (int32_t)((uint32_t)z * MIX2);
-    z ^= z >> 16;
-    return z;
-}
-
-/* selection.bernoulli's draws for flat positions [position, position + n): keep[i] = 1 where the
- * hash is below `threshold`, else 0. seeds[k] is the stream seed of RNG block first_block + k. */
-static void draw(int64_t position, int64_t n, int64_t block_size, const int64_t *seeds, int64_t first_block,
-                 int32_t threshold, uint8_t *keep) {
-    for (int64_t i = 0; i < n; i++) {
-        const int64_t at = position + i, block = at / block_size;
-        keep[i] = hash1((uint32_t)(at - block * block_size), (uint64_t)seeds[block - first_block]) < threshold;
-    }
-}
-
 /* ---- Eight lanes at a time -------------------------------------------------------------------
  * The merge loops below keep their per-element state in registers, eight float32 lanes at a time,
  * with GCC/Clang vector extensions (AVX2 registers on x86-64, pairs of NEON registers on ARM). A
@@ -136,13 +113,15 @@ static inline i32x8 unpack8(uint8_t byte) {
     return (splat_int(byte) & (i32x8){1, 2, 4, 8, 16, 32, 64, 128}) != 0;
 }
 
-/* hash1 for 8 consecutive positions of an RNG block from `local`, before the finalizer: the
- * next 8 add 8 * multiplier (int32 arithmetic wraps). */
+/* selection._block_hash for 8 consecutive positions of an RNG block from `local`, before the
+ * finalizer: an odd multiplier and an offset from the block's seed (int32 arithmetic wraps as
+ * torch's). The next 8 positions add 8 * multiplier. */
 static inline u32x8 first_hashes(int64_t local, uint64_t seed) {
     return ((u32x8){0, 1, 2, 3, 4, 5, 6, 7} + (uint32_t)local) * ((uint32_t)seed | 1u) + (uint32_t)(seed >> 32);
 }
 
-static inline i32x8 finalize8(u32x8 linear) {  /* hash1's finalizer, eight at a time */
+/* MurmurHash3's finalizer with arithmetic shifts (torch has no uint32), eight at a time. */
+static inline i32x8 finalize8(u32x8 linear) {
     i32x8 z = (i32x8)linear;
     z ^= z >> 16;
     z = (i32x8)((u32x8)z * MIX1);
@@ -152,8 +131,13 @@ static inline i32x8 finalize8(u32x8 linear) {  /* hash1's finalizer, eight at a 
     return z;
 }
 
-/* draw()'s mask for the n positions from `at`, as lane masks keep[0, (n + 7) / 8) (-1 keep, 0
- * not; lanes past n are 0): eight hashes at a time within an RNG block (1 << shift positions). */
+static inline int32_t hash1(int64_t local, uint64_t seed) {  /* one position */
+    return finalize8(first_hashes(local, seed))[0];
+}
+
+/* selection.bernoulli's mask for the n positions from `at`, as lane masks keep[0, (n + 7) / 8)
+ * (-1 keep, 0 not; lanes past n are 0): a position is kept where its hash is below `threshold`.
+ * seeds[k] is the seed of RNG block first_block + k; blocks are 1 << shift positions long. */
 static void draw_masks(int64_t at, int64_t n, int shift, const int64_t *seeds, int64_t first_block, int32_t threshold,
                        i32x8 *keep) {
     memset(keep, 0, (size_t)(n + 7) / 8 * sizeof *keep);
@@ -162,7 +146,7 @@ static void draw_masks(int64_t at, int64_t n, int shift, const int64_t *seeds, i
         const int64_t block_end = done + (INT64_C(1) << shift) - local, end = block_end < n ? block_end : n;
         const uint64_t seed = (uint64_t)seeds[block - first_block];
         if (done % 8 || end - done < 8) {  /* one at a time up to a group's start, and at an RNG block's end */
-            keep[done / 8][done % 8] = -(hash1((uint32_t)local, seed) < threshold);
+            keep[done / 8][done % 8] = -(hash1(local, seed) < threshold);
             done++;
             continue;
         }
@@ -174,7 +158,6 @@ static void draw_masks(int64_t at, int64_t n, int shift, const int64_t *seeds, i
         }
     }
 }
-
 
 /* ml_task_merge for elements [from, to) (a multiple of 8 apart), with every model's keep mask
  * packed (masks[j], from `from`; NULL: no mask). Compiled once per combination of `masked` (any
@@ -331,11 +314,17 @@ void ml_bracket_scan(const void *values_in, const void *base_in, int32_t in_bf16
     counts[1] = found;
 }
 
-/* selection.bernoulli: keep[p] = hash(p) < threshold for flat positions [start, start + n);
- * seeds[k] is the stream seed of block start / block_size + k. */
+/* selection.bernoulli: keep[p] = 1 where p is kept, for flat positions [start, start + n);
+ * seeds[k] is the stream seed of block start / block_size + k (block_size: a power of two). */
 void ml_bernoulli(int64_t start, int64_t n, int64_t block_size, const int64_t *seeds, int32_t threshold,
                   uint8_t *keep) {
-    draw(start, n, block_size, seeds, start / block_size, threshold, keep);
+    const int shift = __builtin_ctzll((uint64_t)block_size);
+    i32x8 masks[BLOCK / 8];
+    for (int64_t done = 0; done < n; done += BLOCK) {
+        const int64_t size = n - done < BLOCK ? n - done : BLOCK;
+        draw_masks(start + done, size, shift, seeds, start >> shift, threshold, masks);
+        for (int64_t i = 0; i < size; i++) keep[done + i] = masks[i / 8][i % 8] != 0;
+    }
 }
 
 /* One group of 8 columns of ml_l1_sums, added to a segment's float32 lanes. */
