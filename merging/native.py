@@ -216,10 +216,11 @@ def bracket_scan(values: Tensor, base: Optional[Tensor], low: float, high: float
     return above, found, (inside[:found].clone() if found <= capacity else None)
 
 
-def bernoulli(start: int, end: int, block_size: int, block_seeds: Sequence[int], threshold: int) -> Tensor:
-    """`selection.bernoulli`'s mask for flat positions [start, end), given each block's stream seed."""
+def bernoulli(start: int, end: int, draws: Draws) -> Tensor:
+    """`selection.bernoulli`'s mask for flat positions [start, end), as `draws` draws it."""
     keep = torch.empty(end - start, dtype=torch.bool)
-    _load().ml_bernoulli(start, end - start, block_size, _int64s(block_seeds), threshold, keep.data_ptr())
+    _load().ml_bernoulli(start, end - start, draws.block_size, _int64s(draws.block_seeds), draws.threshold,
+                         keep.data_ptr())
     return keep
 
 

@@ -429,9 +429,9 @@ def bernoulli_draws(seed: int, probability: float, start: int, end: int) -> Opti
 
 def bernoulli(seed: int, probability: float, start: int, end: int, device: torch.device) -> Tensor:
     """``uniform(seed, start, end) < probability`` without the floats: one integer comparison per draw."""
-    threshold = keep_threshold(probability)
-    if threshold is None:
+    draws = bernoulli_draws(seed, probability, start, end)
+    if draws is None:
         return torch.ones(end - start, dtype=torch.bool, device=device)
     if device.type == "cpu" and native.available():
-        return native.bernoulli(start, end, RNG_BLOCK, _block_seeds(seed, start, end), threshold)
-    return _block_hash(seed, start, end, device) < threshold
+        return native.bernoulli(start, end, draws)
+    return _block_hash(seed, start, end, device) < draws.threshold
