@@ -304,13 +304,16 @@ def _slerp_coefficients(t: float, sq0: float, sq1: float, dot: float, dot_thresh
 
 
 def prepare_slerp(chunks: Chunks, numel: int, *, t: float) -> Kernel:
-    def dots(base: Tensor, models: list[Tensor], offset: int) -> tuple[float, float, float]:
-        v0, v1 = base.reshape(-1), models[0].reshape(-1)
-        return float(torch.dot(v0, v0)), float(torch.dot(v1, v1)), float(torch.dot(v0, v1))
+    def dots(base: Tensor, models: list[Tensor], offset: int) -> tuple[list[float], list[float], list[float]]:
+        """Row sums of base * base, model * model and base * model: the chunk's share of the norms
+        and the dot product, the same whatever the chunking."""
+        if native.takes(base, models[0]):
+            return native.product_sums(base, models[0])
+        v0, v1 = native.widened(base), native.widened(models[0])
+        return row_sums(v0 * v0), row_sums(v1 * v1), row_sums(v0 * v1)
 
-    sq0 = sq1 = dot = 0.0
-    for a, b, c in chunks.map(dots):
-        sq0, sq1, dot = sq0 + a, sq1 + b, dot + c
+    parts = list(chunks.map(dots, as_loaded=True))
+    sq0, sq1, dot = (exact_total(part[k] for part in parts) for k in range(3))
     a, b = _slerp_coefficients(t, sq0, sq1, dot)
 
     def narrow(base: Tensor, models: list[Tensor], offset: int, out_dtype: torch.dtype) -> Optional[Tensor]:

@@ -405,6 +405,37 @@ void ml_l1_sums(const void *values_in, const void *base_in, int32_t in_bf16, int
     }
 }
 
+/* Row sums of a * a, b * b and a * b (SLERP's norms and dot product) for a chunk of `rows` rows
+ * of `cols`, each added as methods.row_sums defines it (see ml_l1_sums). A product rounds to
+ * float32 before it is added, as torch's `row_sums(a * b)` rounds it; bfloat16 products are exact. */
+void ml_product_sums(const void *a_in, const void *b_in, int32_t in_bf16, int64_t rows, int64_t cols,
+                     double *aa, double *bb, double *ab) {
+    for (int64_t r = 0; r < rows; r++) {
+        f64x4 row[3][LANES / 4] = {{{0}}};
+        for (int64_t segment = 0; segment < cols; segment += SEGMENT) {
+            const int64_t at = r * cols + segment, size = cols - segment < SEGMENT ? cols - segment : SEGMENT;
+            f32x8 lanes[3][2] = {{{0}}};  /* per sum: lanes 0-7, 8-15 */
+            for (int64_t column = 0; column < size; column += 8) {
+                const int64_t i = at + column, count = size - column < 8 ? size - column : 8;
+                const f32x8 a = count == 8 ? load8(a_in, in_bf16, i) : load8_part(a_in, in_bf16, i, count);
+                const f32x8 b = count == 8 ? load8(b_in, in_bf16, i) : load8_part(b_in, in_bf16, i, count);
+                const int half = (column / 8) & 1;
+                lanes[0][half] += a * a;
+                lanes[1][half] += b * b;
+                lanes[2][half] += a * b;
+            }
+            for (int k = 0; k < 3; k++) fold_lanes(lanes[k][0], lanes[k][1], row[k]);
+        }
+        double sums[3] = {0.0, 0.0, 0.0};
+        for (int k = 0; k < 3; k++) {
+            for (int lane = 0; lane < LANES; lane++) sums[k] += row[k][lane / 4][lane % 4];
+        }
+        aa[r] = sums[0];
+        bb[r] = sums[1];
+        ab[r] = sums[2];
+    }
+}
+
 /* methods.linear over bfloat16 chunks, rounded to bfloat16: w0 * m0, then += w * m as torch's
  * fused add, then / divisor when `normalize`; the float32 steps of the torch code, in its order. */
 void ml_linear_bf16(const uint16_t *const *models, const float *weights, int32_t count, int64_t n,

@@ -59,6 +59,7 @@ _SIGNATURES = {
     "ml_bernoulli": [ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, _P, ctypes.c_int32, _P],
     "ml_l1_sums": [_P, _P, ctypes.c_int32, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, _P,
                    ctypes.c_int32, _P, _P, _P],
+    "ml_product_sums": [_P, _P, ctypes.c_int32, ctypes.c_int64, ctypes.c_int64, _P, _P, _P],
     "ml_linear_bf16": [_P, _P, ctypes.c_int32, ctypes.c_int64, ctypes.c_int32, ctypes.c_float, _P],
     "ml_axpby_bf16": [_P, _P, ctypes.c_float, ctypes.c_float, ctypes.c_int64, _P],
 }
@@ -147,6 +148,12 @@ def takes(*tensors: Tensor) -> bool:
 SUM_LANES, SUM_SEGMENT = 16, 256
 
 
+def _rows(tensor: Tensor) -> tuple[int, int]:
+    """(rows, columns) as `methods.row_sums` sees a tensor: its first dimension, and the rest."""
+    rows = tensor.shape[0] if tensor.dim() else 1
+    return rows, tensor.numel() // max(1, rows)
+
+
 def widened(tensor: Tensor) -> Tensor:
     """A chunk handed over for the loops (bfloat16 as stored) in float32, for torch ops where they do not run."""
     return tensor.float() if tensor.dtype == torch.bfloat16 else tensor
@@ -229,14 +236,21 @@ def l1_sums(values: Tensor, base: Tensor, draws: Draws, position: int,
     """`methods.row_sums` of |values - base| and of |values - base| * the mask `draws` draws, for
     the `taken` chunk at flat `position`, without building either; with `pack`, also the mask,
     packed 8 positions a byte, for `task_merge` (None where rows are not a multiple of 8 long)."""
-    rows = values.shape[0] if values.dim() else 1
-    cols = values.numel() // max(1, rows)
+    rows, cols = _rows(values)
     packed = torch.empty((values.numel() + 7) // 8, dtype=torch.uint8) if pack and cols % 8 == 0 else None
     totals, kept = torch.empty(rows, dtype=torch.float64), torch.empty(rows, dtype=torch.float64)
     _load().ml_l1_sums(values.data_ptr(), base.data_ptr(), _KINDS[values.dtype], rows, cols, position,
                        draws.block_size, _int64s(draws.block_seeds), draws.threshold, totals.data_ptr(),
                        kept.data_ptr(), packed.data_ptr() if packed is not None else None)
     return totals.tolist(), kept.tolist(), packed
+
+
+def product_sums(a: Tensor, b: Tensor) -> tuple[list[float], list[float], list[float]]:
+    """`methods.row_sums` of a * a, b * b and a * b, for `taken` chunks, without building them."""
+    rows, cols = _rows(a)
+    sums = torch.empty(3, rows, dtype=torch.float64)
+    _load().ml_product_sums(a.data_ptr(), b.data_ptr(), _KINDS[a.dtype], rows, cols, sums[0].data_ptr(), sums[1].data_ptr(), sums[2].data_ptr())
+    return sums[0].tolist(), sums[1].tolist(), sums[2].tolist()
 
 
 def linear_bf16(models: Sequence[Tensor], weights: Sequence[float], *, normalize: bool, divisor: float) -> Tensor:

@@ -187,6 +187,40 @@ def test_fused_l1_sums_add_in_the_order_row_sums_defines(dtype):
 
 
 @needs_native
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fused_product_sums_add_in_the_order_row_sums_defines(dtype):
+    g = torch.Generator().manual_seed(3)
+    shape = (5, 1000)  # several segments and a partial group of lanes
+    a = (torch.randn(shape, generator=g) * 10.0 ** torch.randint(-6, 3, shape, generator=g)).to(dtype)
+    b = (torch.randn(shape, generator=g) * 10.0 ** torch.randint(-6, 3, shape, generator=g)).to(dtype)
+    a[0], b[0] = 2.0 ** -27, 2.0 ** -27
+    a[0, 0], b[0, 0] = 1.0, 1.0  # in one running sum 1 + 2**-54 + ... stays 1; in lanes the small ones count
+    aa, bb, ab = native.product_sums(a, b)
+    wide_a, wide_b = a.float(), b.float()
+    assert (aa, bb, ab) == (row_sums(wide_a * wide_a), row_sums(wide_b * wide_b), row_sums(wide_a * wide_b))
+    assert ab[0] > 1.0 == float((wide_a[0] * wide_b[0]).double().cumsum(0)[-1])  # the order shows
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_slerp_norms_do_not_depend_on_the_chunking(fused, torch_only):
+    if not fused:
+        torch_only()
+    g = torch.Generator().manual_seed(6)
+    base = torch.randn(40, 300, generator=g)
+    base[0, 0] = 300.0  # in one float32 sum, much of what comes after this would round away
+    model = base + torch.randn(40, 300, generator=g)
+
+    class Rows:  # the chunks a streamed merge would see: 7 rows at a time
+        def map(self, fn, *, as_loaded=False):
+            for start in range(0, 40, 7):
+                yield fn(base[start:start + 7], [model[start:start + 7]], start * 300)
+
+    whole = prepare_slerp(WholeTensor(base, [model]), base.numel(), t=0.4)(base, [model], 0)
+    chunked = prepare_slerp(Rows(), base.numel(), t=0.4)(base, [model], 0)
+    assert torch.equal(whole, chunked)
+
+
+@needs_native
 def test_masks_packed_by_the_l1_pass_are_the_masks_drawn_again():
     g = torch.Generator().manual_seed(4)
     base = torch.randn(5, 344, generator=g).bfloat16()  # 1720 values: blocks of the loops and a partial one
