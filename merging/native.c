@@ -18,15 +18,10 @@
 #define MIX1 0x85EBCA6Bu /* MurmurHash3's finalizer */
 #define MIX2 0xC2B2AE35u
 
-/* bfloat16 <-> float32 as torch converts them: widening is exact (the bits shifted up), and
- * narrowing rounds to nearest, ties to even (NaN never gets here: the engine refuses it). */
+/* bfloat16 to float32 as torch widens: exactly, the bits shifted up. */
 static inline float widen(uint16_t h) {
     union { uint32_t u; float f; } v = { (uint32_t)h << 16 };
     return v.f;
-}
-static inline uint16_t narrow(float x) {
-    union { float f; uint32_t u; } v = { x };
-    return (uint16_t)((v.u + 0x7FFFu + ((v.u >> 16) & 1u)) >> 16);
 }
 
 /* Elements [start, start + size) of `src` as float32: in place for float32, widened into `buffer` for bfloat16. */
@@ -66,7 +61,8 @@ static inline f32x8 load8(const void *src, int32_t bf16, int64_t at) {
     return x;
 }
 
-/* x to dst[at, at + 8), rounded as torch narrows for bfloat16. */
+/* x to dst[at, at + 8); to bfloat16 as torch narrows: to nearest, ties to even (NaN never gets
+ * here: the engine refuses it). */
 static inline void store8(void *dst, int32_t bf16, int64_t at, f32x8 x) {
     if (bf16) {
         u32x8 u;
@@ -87,15 +83,38 @@ static inline f32x8 load8_part(const void *src, int32_t bf16, int64_t at, int64_
     return x;
 }
 
+/* The first `count` (< 8) lanes of x to dst[at, at + count), rounded as store8 rounds. */
+static inline void store8_part(void *dst, int32_t bf16, int64_t at, int64_t count, f32x8 x) {
+    union { float f32[8]; uint16_t bf16[8]; } part;
+    store8(&part, bf16, 0, x);
+    const size_t width = bf16 ? sizeof(uint16_t) : sizeof(float);
+    memcpy((char *)dst + at * width, &part, (size_t)count * width);
+}
+
+/* Elements [at, at + 8) of `src`, or its last ones up to `end`, zero-padded. */
+static inline f32x8 load8_upto(const void *src, int32_t bf16, int64_t at, int64_t end) {
+    return end - at >= 8 ? load8(src, bf16, at) : load8_part(src, bf16, at, end - at);
+}
+
+/* x to dst[at, at + 8), or its first lanes up to `end`. */
+static inline void store8_upto(void *dst, int32_t bf16, int64_t at, int64_t end, f32x8 x) {
+    if (end - at >= 8) store8(dst, bf16, at, x);
+    else store8_part(dst, bf16, at, end - at, x);
+}
+
 static inline f32x8 sign8(f32x8 x) {  /* sign_of in each lane */
     const i32x8 one = (i32x8)splat(1.0f);
     return (f32x8)(one & (x > 0.0f)) - (f32x8)(one & (x < 0.0f));
 }
 
-static inline f32x8 fma8(f32x8 a, f32x8 b, f32x8 c) {
+static inline f32x8 fma8(f32x8 a, f32x8 b, f32x8 c) {  /* fmaf in each lane */
+#ifdef __FMA__
+    return __builtin_ia32_vfmaddps256(a, b, c);  /* GCC does not vectorize the loop below */
+#else
     f32x8 r;
     for (int k = 0; k < 8; k++) r[k] = fmaf(a[k], b[k], c[k]);
     return r;
+#endif
 }
 
 /* Keep masks travel between DARE's passes packed 8 to a byte: bit k of byte i is position 8i + k. */
@@ -264,11 +283,10 @@ void ml_task_merge(const void *base_in, const void *const *models_in, int32_t in
             model_tails[j] = &model_tail[j];
             tail_masks[j] = masks[j] ? masks[j] + (whole - start) / 8 : NULL;
         }
-        union { float f32[8]; uint16_t bf16[8]; } out_tail;
+        f32x8 out_tail;
         task_merge_groups(&base_tail, model_tails, 0, tail_masks, 0, 8, bounds, factors, weights, count, consensus,
-                          normalize, divisor, scale, &out_tail, out_bf16);
-        const size_t width = out_bf16 ? sizeof(uint16_t) : sizeof(float);
-        memcpy((char *)out + whole * width, &out_tail, (size_t)rest * width);
+                          normalize, divisor, scale, &out_tail, 0);
+        store8_part(out, out_bf16, whole, rest, out_tail);
     }
 }
 
@@ -416,9 +434,8 @@ void ml_product_sums(const void *a_in, const void *b_in, int32_t in_bf16, int64_
             const int64_t at = r * cols + segment, size = cols - segment < SEGMENT ? cols - segment : SEGMENT;
             f32x8 lanes[3][2] = {{{0}}};  /* per sum: lanes 0-7, 8-15 */
             for (int64_t column = 0; column < size; column += 8) {
-                const int64_t i = at + column, count = size - column < 8 ? size - column : 8;
-                const f32x8 a = count == 8 ? load8(a_in, in_bf16, i) : load8_part(a_in, in_bf16, i, count);
-                const f32x8 b = count == 8 ? load8(b_in, in_bf16, i) : load8_part(b_in, in_bf16, i, count);
+                const f32x8 a = load8_upto(a_in, in_bf16, at + column, at + size);
+                const f32x8 b = load8_upto(b_in, in_bf16, at + column, at + size);
                 const int half = (column / 8) & 1;
                 lanes[0][half] += a * a;
                 lanes[1][half] += b * b;
@@ -440,26 +457,17 @@ void ml_product_sums(const void *a_in, const void *b_in, int32_t in_bf16, int64_
  * fused add, then / divisor when `normalize`; the float32 steps of the torch code, in its order. */
 void ml_linear_bf16(const uint16_t *const *models, const float *weights, int32_t count, int64_t n,
                     int32_t normalize, float divisor, uint16_t *out) {
-    float total[BLOCK];
-    for (int64_t start = 0; start < n; start += BLOCK) {
-        const int64_t size = n - start < BLOCK ? n - start : BLOCK;
-        const uint16_t *first = models[0] + start;
-        for (int64_t i = 0; i < size; i++) total[i] = widen(first[i]) * weights[0];
-        for (int32_t j = 1; j < count; j++) {
-            const uint16_t *m = models[j] + start;
-            const float w = weights[j];
-            for (int64_t i = 0; i < size; i++) total[i] = fmaf(widen(m[i]), w, total[i]);
-        }
-        if (normalize) {
-            for (int64_t i = 0; i < size; i++) total[i] = total[i] / divisor;
-        }
-        uint16_t *o = out + start;
-        for (int64_t i = 0; i < size; i++) o[i] = narrow(total[i]);
+    for (int64_t at = 0; at < n; at += 8) {
+        f32x8 total = load8_upto(models[0], 1, at, n) * weights[0];
+        for (int32_t j = 1; j < count; j++) total = fma8(load8_upto(models[j], 1, at, n), splat(weights[j]), total);
+        if (normalize) total = total / divisor;
+        store8_upto(out, 1, at, n, total);
     }
 }
 
-/* The SLERP kernel over bfloat16 chunks, rounded to bfloat16: x * a, then += y * b as torch's
- * fused add (prepare_slerp's `torch.mul(base, a).add_(model, alpha=b)`). */
+/* SLERP's a * x + b * y over bfloat16, rounded to bfloat16, as `torch.mul(x, a).add_(y, alpha=b)`. */
 void ml_axpby_bf16(const uint16_t *x, const uint16_t *y, float a, float b, int64_t n, uint16_t *out) {
-    for (int64_t i = 0; i < n; i++) out[i] = narrow(fmaf(widen(y[i]), b, widen(x[i]) * a));
+    for (int64_t at = 0; at < n; at += 8) {
+        store8_upto(out, 1, at, n, fma8(load8_upto(y, 1, at, n), splat(b), load8_upto(x, 1, at, n) * a));
+    }
 }
