@@ -355,9 +355,9 @@ class _HeldInputs:
         return [s[index][start - origin:end - origin] for s in self.slabs]
 
 
-# Slabs stay under glibc's 32 MiB mmap threshold: their buffers come from the heap, where the next
-# tensor's slabs reuse the pages, rather than from fresh mmaps whose every page faults and is
-# zeroed on first touch (measured at a sixth of a SLERP merge's time).
+# Inputs held between passes come in slabs of whole chunks (a chunk is then a view of one slab).
+# On CPU a slab maps the file's pages (safetensors_io), so its size only sets how many maps a held
+# tensor takes; a GPU receives its inputs in slabs that the workers copy side by side.
 SLAB_BYTES = 1 << 24
 
 

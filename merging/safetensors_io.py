@@ -1,8 +1,10 @@
 """The safetensors format, read and written in place, one tensor at a time.
 
-Reading: a tensor's bytes are read with one positioned read into a fresh buffer. No mmap, so
-memory use is the tensors we hold, not the pages of the input files a mapping would keep
-resident; a row range can be read without touching the rest of the tensor.
+Reading: a tensor (or a range of its rows) is a private, copy-on-write mapping of just its bytes,
+unmapped when the tensor is freed. So memory use is the tensors we hold, never the whole file
+(a mapping of the file would keep every page touched resident), and the merge reads the page
+cache in place: copying into a buffer with read(2) cost more CPU time than some merges. Like
+every reader that maps (safetensors' own), a file truncated during a merge ends it with SIGBUS.
 
 Writing: the plan knows every output tensor's name, dtype and shape before the first one is
 merged, so each shard's header is written up front and every tensor goes straight to its offset
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 import struct
 from dataclasses import dataclass
@@ -20,6 +23,8 @@ from pathlib import Path
 from typing import BinaryIO, Iterable, Optional, Sequence
 
 import torch
+
+from .errors import MergeError
 
 DTYPE_CODES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -104,16 +109,15 @@ class TensorReader:
             shape[0] = rows[1] - rows[0]
         if nbytes == 0:
             return torch.empty(shape, dtype=header.dtype)
-        buffer = torch.empty(nbytes, dtype=torch.uint8)  # unlike bytearray, not zero-filled first
-        view = memoryview(buffer.numpy())
         handle = self._file(header.file)
-        done = 0
-        while done < nbytes:  # os.preadv may return short reads on large requests
-            got = os.preadv(handle.fileno(), [view[done:]], start + done)
-            if got == 0:
-                raise OSError(f"{header.file}: file ends inside tensor {name}")
-            done += got
-        return buffer.view(header.dtype).reshape(shape)
+        page_start = start - start % mmap.ALLOCATIONGRANULARITY
+        if start + nbytes > os.fstat(handle.fileno()).st_size:
+            raise MergeError(f"{self.root / header.file}: the file ends inside tensor {name}; it is cut short "
+                             f"(an interrupted download?): delete it and download it again")
+        # Copy-on-write: a method that works in place on its inputs changes our pages, not the file.
+        mapped = mmap.mmap(handle.fileno(), start + nbytes - page_start, access=mmap.ACCESS_COPY, offset=page_start)
+        return torch.frombuffer(mapped, dtype=header.dtype, count=nbytes // header.dtype.itemsize,
+                                offset=start - page_start).reshape(shape)
 
     def close(self) -> None:
         for handle in self._files.values():

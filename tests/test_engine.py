@@ -321,3 +321,28 @@ def test_a_failing_chunk_leaves_no_output(llama, tmp_path, monkeypatch):
     with pytest.raises(MergeError, match="NaN or infinite"):
         run_merge(parse_config(text), tmp_path / "out", options=MergeOptions(workers=2))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_reads_map_inputs_copy_on_write_and_refuse_a_file_cut_short(llama, tmp_path):
+    from merging.safetensors_io import TensorReader, read_header
+
+    model = tmp_path / "model"
+    shutil.copytree(llama.finetune(1), model)
+    shard = model / "model.safetensors"
+    headers = read_header(shard)
+    name = max(headers, key=lambda n: headers[n].nbytes)
+    before = shard.read_bytes()
+    reader = TensorReader(model, headers)
+    rows = reader.read(name, (1, 3))
+    assert torch.equal(rows, load_state(model)[name][1:3])
+    rows.fill_(7.0)  # a method working in place changes its copy of the pages, never the input
+    assert shard.read_bytes() == before and not torch.equal(reader.read(name, (1, 3)), rows)
+    reader.close()
+
+    with open(shard, "r+b") as f:
+        f.truncate(headers[name].start + headers[name].nbytes - 1)
+    text = (f"merge_method: linear\nmodels:\n  - {{model: {model}, parameters: {{weight: 0.5}}}}\n"
+            f"  - {{model: {llama.base()}, parameters: {{weight: 0.5}}}}\n")
+    with pytest.raises(MergeError, match="model.safetensors: the file ends inside tensor .*download it again"):
+        run_merge(parse_config(text), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
