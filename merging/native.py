@@ -249,7 +249,8 @@ def product_sums(a: Tensor, b: Tensor) -> tuple[list[float], list[float], list[f
     """`methods.row_sums` of a * a, b * b and a * b, for `taken` chunks, without building them."""
     rows, cols = _rows(a)
     sums = torch.empty(3, rows, dtype=torch.float64)
-    _load().ml_product_sums(a.data_ptr(), b.data_ptr(), _KINDS[a.dtype], rows, cols, sums[0].data_ptr(), sums[1].data_ptr(), sums[2].data_ptr())
+    _load().ml_product_sums(a.data_ptr(), b.data_ptr(), _KINDS[a.dtype], rows, cols,
+                            *(row.data_ptr() for row in sums))
     return sums[0].tolist(), sums[1].tolist(), sums[2].tolist()
 
 

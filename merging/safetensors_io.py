@@ -89,13 +89,14 @@ class TensorReader:
     def __init__(self, root: Path, headers: dict[str, TensorHeader]):
         self.root = root
         self.headers = headers
-        self._files: dict[str, BinaryIO] = {}
+        self._files: dict[str, tuple[BinaryIO, int]] = {}  # open handles and their sizes
 
-    def _file(self, name: str) -> BinaryIO:
-        handle = self._files.get(name)
-        if handle is None:
-            handle = self._files[name] = open(self.root / name, "rb", buffering=0)
-        return handle
+    def _file(self, name: str) -> tuple[BinaryIO, int]:
+        opened = self._files.get(name)
+        if opened is None:
+            handle = open(self.root / name, "rb", buffering=0)
+            opened = self._files[name] = (handle, os.fstat(handle.fileno()).st_size)
+        return opened
 
     def read(self, name: str, rows: Optional[tuple[int, int]] = None) -> torch.Tensor:
         """The tensor `name`, or only rows ``[start, end)`` of its first dimension."""
@@ -109,9 +110,9 @@ class TensorReader:
             shape[0] = rows[1] - rows[0]
         if nbytes == 0:
             return torch.empty(shape, dtype=header.dtype)
-        handle = self._file(header.file)
+        handle, size = self._file(header.file)
         page_start = start - start % mmap.ALLOCATIONGRANULARITY
-        if start + nbytes > os.fstat(handle.fileno()).st_size:
+        if start + nbytes > size:
             raise MergeError(f"{self.root / header.file}: the file ends inside tensor {name}; it is cut short "
                              f"(an interrupted download?): delete it and download it again")
         # Copy-on-write: a method that works in place on its inputs changes our pages, not the file.
@@ -120,7 +121,7 @@ class TensorReader:
                                 offset=start - page_start).reshape(shape)
 
     def close(self) -> None:
-        for handle in self._files.values():
+        for handle, _ in self._files.values():
             handle.close()
         self._files.clear()
 
