@@ -210,7 +210,7 @@ def row_sums(values: Tensor) -> list[float]:
     tensor: small tensors kept across a pass would pin the heap pages that the chunks' large
     temporaries are freed into.
     """
-    rows = values.reshape(values.shape[0] if values.dim() else 1, -1)
+    rows = values.reshape(native.row_shape(values))
     if not rows.shape[1]:
         return [0.0] * rows.shape[0]
     if rows.device.type != "cpu":  # GPU reductions add in their own order: close, not bit-identical

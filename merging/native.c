@@ -388,26 +388,19 @@ void ml_l1_sums(const void *values_in, const void *base_in, int32_t in_bf16, int
             const u32x8 step = (u32x8){0} + 8u * ((uint32_t)seed | 1u);
             f32x8 low = splat(0.0f), high = low, kept_low = low, kept_high = low;  /* lanes 0-7, 8-15 */
             for (int64_t column = 0; column < size; column += LANES) {
-                const int64_t i = at + column, first = size - column < 8 ? size - column : 8;
-                const int64_t second = size - column - first < 8 ? size - column - first : 8;
+                const int64_t i = at + column, end = at + size;  /* the row's last group is zero-padded */
                 const i32x8 keep = inside ? finalize8(linear) < threshold : drawn[column / 8];
                 const i32x8 keep_high = inside ? finalize8(linear + step) < threshold : drawn[column / 8 + 1];
                 linear += step + step;
                 if (bits) {  /* rows are a multiple of 8 long */
                     bits[i / 8] = pack8(keep);
-                    if (second) bits[i / 8 + 1] = pack8(keep_high);
+                    if (i + 8 < end) bits[i / 8 + 1] = pack8(keep_high);
                 }
-                if (first + second == LANES) {
-                    l1_group(load8(values_in, in_bf16, i) - load8(base_in, in_bf16, i), keep, &low, &kept_low);
-                    l1_group(load8(values_in, in_bf16, i + 8) - load8(base_in, in_bf16, i + 8), keep_high,
-                             &high, &kept_high);
-                } else {  /* the row's last 1-15 columns, zero-padded */
-                    l1_group(load8_part(values_in, in_bf16, i, first) - load8_part(base_in, in_bf16, i, first),
-                             keep, &low, &kept_low);
-                    if (second) {
-                        l1_group(load8_part(values_in, in_bf16, i + 8, second) -
-                                 load8_part(base_in, in_bf16, i + 8, second), keep_high, &high, &kept_high);
-                    }
+                l1_group(load8_upto(values_in, in_bf16, i, end) - load8_upto(base_in, in_bf16, i, end), keep,
+                         &low, &kept_low);
+                if (i + 8 < end) {
+                    l1_group(load8_upto(values_in, in_bf16, i + 8, end) - load8_upto(base_in, in_bf16, i + 8, end),
+                             keep_high, &high, &kept_high);
                 }
             }
             fold_lanes(low, high, total);

@@ -148,7 +148,7 @@ def takes(*tensors: Tensor) -> bool:
 SUM_LANES, SUM_SEGMENT = 16, 256
 
 
-def _rows(tensor: Tensor) -> tuple[int, int]:
+def row_shape(tensor: Tensor) -> tuple[int, int]:
     """(rows, columns) as `methods.row_sums` sees a tensor: its first dimension, and the rest."""
     rows = tensor.shape[0] if tensor.dim() else 1
     return rows, tensor.numel() // max(1, rows)
@@ -236,7 +236,7 @@ def l1_sums(values: Tensor, base: Tensor, draws: Draws, position: int,
     """`methods.row_sums` of |values - base| and of |values - base| * the mask `draws` draws, for
     the `taken` chunk at flat `position`, without building either; with `pack`, also the mask,
     packed 8 positions a byte, for `task_merge` (None where rows are not a multiple of 8 long)."""
-    rows, cols = _rows(values)
+    rows, cols = row_shape(values)
     packed = torch.empty((values.numel() + 7) // 8, dtype=torch.uint8) if pack and cols % 8 == 0 else None
     totals, kept = torch.empty(rows, dtype=torch.float64), torch.empty(rows, dtype=torch.float64)
     _load().ml_l1_sums(values.data_ptr(), base.data_ptr(), _KINDS[values.dtype], rows, cols, position,
@@ -247,7 +247,7 @@ def l1_sums(values: Tensor, base: Tensor, draws: Draws, position: int,
 
 def product_sums(a: Tensor, b: Tensor) -> tuple[list[float], list[float], list[float]]:
     """`methods.row_sums` of a * a, b * b and a * b, for `taken` chunks, without building them."""
-    rows, cols = _rows(a)
+    rows, cols = row_shape(a)
     sums = torch.empty(3, rows, dtype=torch.float64)
     _load().ml_product_sums(a.data_ptr(), b.data_ptr(), _KINDS[a.dtype], rows, cols,
                             *(row.data_ptr() for row in sums))
