@@ -4,8 +4,8 @@ A record is everything lineage reads about one repo: model info (card data, tags
 downloads, likes, siblings, the Hub's own `baseModels`), the README text and any mergekit config
 files. Sources of records:
 
-- `HubSource`: the live Hub through `huggingface_hub`, with retries (429/5xx, honouring
-  Retry-After), a per-run cache and an on-disk cache with expiry;
+- `HubSource`: the live Hub through `huggingface_hub`, with `merging.hub`'s retries (429/5xx and
+  dropped connections, honouring Retry-After), a per-run cache and an on-disk cache with expiry;
 - `SnapshotSource`: a saved JSON snapshot (the offline demo, tests, reproducible reports);
 - `RecordingSource`: wraps another source and saves what it saw as a snapshot.
 """
@@ -16,18 +16,22 @@ import hashlib
 import json
 import logging
 import os
-import random
+import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Protocol, TypeVar
 
+from merging import hub
+from merging.errors import HubError, HubUnreachable
+
 log = logging.getLogger("mergeline.lineage")
 
 CONFIG_FILES = ("mergekit_config.yml", "merge.yml", "mergekit_moe_config.yml")
 RELATIONS = ("merge", "finetune", "adapter", "quantized")
 SNAPSHOT_VERSION = 1
+MAX_TEXT_BYTES = 2 * 2**20
 
 T = TypeVar("T")
 
@@ -50,44 +54,6 @@ class RecordSource(Protocol):
     def record(self, model_id: str) -> ModelRecord: ...
 
     def children(self, model_id: str, relation: Optional[str] = None) -> list[str]: ...
-
-
-class TransientHubError(Exception):
-    """A 429 or 5xx answer: worth retrying."""
-
-    def __init__(self, message: str, retry_after: Optional[float] = None):
-        super().__init__(message)
-        self.retry_after = retry_after
-
-
-def with_retries(call: Callable[[], T], *, attempts: int = 5, base_delay: float = 0.5,
-                 max_delay: float = 20.0, sleep: Callable[[float], None] = time.sleep) -> T:
-    """Run `call`, retrying transient Hub errors with exponential backoff and Retry-After."""
-    for attempt in range(attempts):
-        try:
-            return call()
-        except TransientHubError as exc:
-            if attempt == attempts - 1:
-                raise
-            delay = exc.retry_after if exc.retry_after is not None else base_delay * 2**attempt
-            sleep(min(max_delay, delay) + random.uniform(0, base_delay / 4))
-    raise AssertionError("unreachable")
-
-
-def _classify(exc: Exception) -> Exception:
-    """Map a huggingface_hub error to a retryable one where it is 429/5xx."""
-    response = getattr(exc, "response", None)
-    status = getattr(response, "status_code", None)
-    if status == 429 or (status is not None and status >= 500):
-        retry_after = None
-        header = response.headers.get("Retry-After") if response is not None else None
-        if header:
-            try:
-                retry_after = float(header)
-            except ValueError:
-                retry_after = None
-        return TransientHubError(f"HTTP {status}", retry_after)
-    return exc
 
 
 _INFO_FIELDS = ["cardData", "tags", "downloads", "likes", "gated", "private", "siblings", "baseModels",
@@ -121,18 +87,27 @@ class DiskCache:
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("MERGELINE_CACHE", Path.home() / ".cache" / "mergeline" / "lineage"))
+    """`lineage/` under mergeline's cache root (`$MERGELINE_CACHE`, default ~/.cache/mergeline)."""
+    return Path(os.environ.get("MERGELINE_CACHE") or Path.home() / ".cache" / "mergeline") / "lineage"
 
 
 class HubSource:
-    """Records from the live Hub (or whatever HF_ENDPOINT points at)."""
+    """Records from the live Hub (or whatever HF_ENDPOINT points at).
 
-    def __init__(self, token: Optional[str] = None, cache: Optional[DiskCache] = None,
+    A Hub that cannot be reached at all raises `HubError` (the crawl cannot go on); any other
+    failure of one repo becomes that repo's `error` status and the crawl goes on.
+    """
+
+    def __init__(self, token: hub.Token = None, cache: Optional[DiskCache] = None,
                  hub_cache_dir: Optional[Path] = None, sleep: Callable[[float], None] = time.sleep):
         from huggingface_hub import HfApi
 
         self._api = HfApi(token=token)
+        self._scope = f"{hub.endpoint()}|{_token_scope(token)}"
         self._cache = cache
+        if hub_cache_dir is None:  # files a token let us read stay out of the shared Hub cache
+            self._own_cache = tempfile.TemporaryDirectory(prefix="mergeline-lineage-")
+            hub_cache_dir = Path(self._own_cache.name)
         self._hub_cache_dir = hub_cache_dir
         self._sleep = sleep
         self._memory: dict[str, object] = {}
@@ -142,44 +117,41 @@ class HubSource:
         with self._lock:
             if key in self._memory:
                 return self._memory[key]  # type: ignore[return-value]
-        value = self._cache.get(key) if self._cache else None
+        value = self._cache.get(f"{self._scope}|{key}") if self._cache else None
         if value is None:
             value = compute()
             if self._cache and shareable(value):
-                self._cache.put(key, value)
+                self._cache.put(f"{self._scope}|{key}", value)
         with self._lock:
             self._memory[key] = value
         return value
 
-    def _hub(self, call: Callable[[], T]) -> T:
-        def attempt() -> T:
-            try:
-                return call()
-            except Exception as exc:  # noqa: BLE001 - 429/5xx become retryable, the rest pass through
-                transient = _classify(exc)
-                if transient is exc:
-                    raise
-                raise transient from exc
-
-        return with_retries(attempt, sleep=self._sleep)
+    def _hub(self, call: Callable[[], T], what: str) -> T:
+        return hub.call(call, what, sleep=self._sleep)
 
     def record(self, model_id: str) -> ModelRecord:
         def fetch() -> dict:
             return asdict(self._fetch_record(model_id))
 
+        # What a token let us read (private and gated repos) never reaches a cache another scope reads.
         data = self._cached(f"record:{model_id}", fetch,
-                            lambda d: d["status"] in ("ok", "missing") and not d["info"].get("private"))
+                            lambda d: d["status"] in ("ok", "missing") and not d["info"].get("private")
+                            and not d["info"].get("gated"))
         return ModelRecord.from_dict(data)
 
     def _fetch_record(self, model_id: str) -> ModelRecord:
-        from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, HfHubHTTPError,
+        from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, HFValidationError, HfHubHTTPError,
                                             RepositoryNotFoundError)
 
         try:
-            response = self._hub(lambda: self._api.model_info(model_id, expand=_INFO_FIELDS))
+            response = self._hub(lambda: self._api.model_info(model_id, expand=_INFO_FIELDS), f"{model_id}: model info")
         except RepositoryNotFoundError:
             return ModelRecord(model_id, "missing", detail="no such repo, or private")
-        except (HfHubHTTPError, TransientHubError, OSError) as exc:
+        except HubUnreachable:
+            raise
+        except HubError as exc:
+            return ModelRecord(model_id, "error", detail=str(exc))
+        except (HfHubHTTPError, HFValidationError, OSError) as exc:
             return ModelRecord(model_id, "error", detail=str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         info = _info_dict(response)
         record = ModelRecord(model_id, "private" if info.get("private") else "ok", info)
@@ -188,12 +160,14 @@ class HubSource:
         for name in wanted:
             try:
                 path = self._hub(lambda name=name: self._api.hf_hub_download(
-                    model_id, name, revision=info.get("sha"), cache_dir=self._hub_cache_dir))
-                text = Path(path).read_text(encoding="utf-8", errors="replace")
+                    model_id, name, revision=info.get("sha"), cache_dir=self._hub_cache_dir), f"{model_id}: {name}")
+                text = _read_text(Path(path))
             except GatedRepoError:
                 record.status, record.detail = "gated", "gated: accept the terms on the Hub and pass a token"
                 break
-            except (EntryNotFoundError, HfHubHTTPError, TransientHubError, OSError) as exc:
+            except HubUnreachable:
+                raise
+            except (EntryNotFoundError, HfHubHTTPError, HubError, OSError) as exc:
                 record.detail = f"{name}: {type(exc).__name__}"
                 continue
             if name == "README.md":
@@ -206,9 +180,26 @@ class HubSource:
         tag = f"base_model:{relation}:{model_id}" if relation else f"base_model:{model_id}"
 
         def fetch() -> list[str]:
-            return self._hub(lambda: [m.id for m in self._api.list_models(filter=tag, limit=1000)])
+            return self._hub(lambda: [m.id for m in self._api.list_models(filter=tag, limit=1000)],
+                             f"{model_id}: listing children")
 
         return list(self._cached(f"children:{tag}", fetch, lambda _: True))
+
+
+def _read_text(path: Path) -> str:
+    """A card or config as text, at most MAX_TEXT_BYTES of it: what lineage reads is near the top."""
+    with open(path, "rb") as f:
+        return f.read(MAX_TEXT_BYTES).decode("utf-8", errors="replace")
+
+
+def _token_scope(token: hub.Token) -> str:
+    """Who a request speaks for, as a cache key part: anonymous, the environment's login, or a hash
+    of the token (the token itself is never written)."""
+    if token is False:
+        return "anonymous"
+    if token is None:
+        return "environment"
+    return "token-" + hashlib.sha256(str(token).encode()).hexdigest()[:16]
 
 
 def _info_dict(info) -> dict:

@@ -1,4 +1,4 @@
-"""The one exception type a user of the engine ever needs to catch."""
+"""The exception types a user of the engine needs to catch, and the "did you mean" helper."""
 
 from __future__ import annotations
 
@@ -12,6 +12,16 @@ class MergeError(Exception):
     The CLI prints it without a traceback, the app shows it as-is. Anything that is not a
     `MergeError` is a bug in mergeline.
     """
+
+
+class HubError(MergeError):
+    """The Hub, or the network to it, failed in a way retrying did not cure: one line that names the
+    request and the endpoint and says what to do. Lineage raises it too, so both CLIs and the app
+    report a Hub outage the same way."""
+
+
+class HubUnreachable(HubError):
+    """No connection to the Hub could be opened (unknown host, refused, timed out connecting)."""
 
 
 def did_you_mean(word: str, choices: Iterable[str]) -> str:

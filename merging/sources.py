@@ -7,6 +7,7 @@ few KB of range requests per shard). `fetch_model` later downloads only the file
 
 from __future__ import annotations
 
+import errno
 import json
 import re
 from dataclasses import dataclass, field
@@ -15,8 +16,10 @@ from typing import Optional
 
 import torch
 
+from . import hub
 from .config import ModelRef
 from .errors import MergeError
+from .untrusted_yaml import front_matter
 from .safetensors_io import TensorHeader, TensorReader, dtype_from_code, read_header
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -73,16 +76,8 @@ class PickleReader:
 
 def _card_license(text: str) -> Optional[str]:
     """The `license:` of a model card's YAML front matter, if it has one."""
-    match = re.match(r"^---\s*\n(.*?)\n---\s*(\n|$)", text, re.S)
-    if not match:
-        return None
-    import yaml
-
-    try:
-        meta = yaml.safe_load(match.group(1))
-    except yaml.YAMLError:
-        return None
-    value = meta.get("license") if isinstance(meta, dict) else None
+    meta, _ = front_matter(text)
+    value = meta.get("license") if meta else None
     return str(value) if value else None
 
 
@@ -115,7 +110,7 @@ def _local_headers(root: Path, label: str, allow_pickle: bool) -> tuple[dict[str
     return headers, {name: (root / name).stat().st_size for name in pickles}, True
 
 
-def inspect_model(ref: ModelRef, *, token: Optional[str] = None, allow_pickle: bool = False,
+def inspect_model(ref: ModelRef, *, token: hub.Token = None, allow_pickle: bool = False,
                   cache_dir: Optional[Path] = None) -> ModelSource:
     """Learn a model's config and tensor headers without reading its weights."""
     if ref.local:
@@ -133,40 +128,54 @@ def inspect_model(ref: ModelRef, *, token: Optional[str] = None, allow_pickle: b
 def _read_json(path: Path, ref: ModelRef) -> dict:
     try:
         return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise MergeError(f"{ref}: {path.name} is not valid JSON ({exc})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        detail = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise MergeError(f"{ref}: {path.name} is not valid JSON ({detail})") from None
 
 
 def _hub_error(ref: ModelRef, exc: Exception) -> MergeError:
+    """The one line a failed Hub request for `ref` becomes (network faults were retried by `hub.call`)."""
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
 
+    if isinstance(exc, MergeError):
+        return exc
     if isinstance(exc, GatedRepoError):
         return MergeError(f"{ref}: the repo is gated; accept its terms on the Hub and pass a token with access")
     if isinstance(exc, RevisionNotFoundError):
         return MergeError(f"{ref}: revision {ref.revision!r} does not exist on the Hub")
     if isinstance(exc, RepositoryNotFoundError):
         return MergeError(f"{ref}: no such model on the Hub (or it is private: pass a token that can read it)")
-    return MergeError(f"{ref}: could not reach the Hub ({type(exc).__name__}: {str(exc).splitlines()[0]})")
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return MergeError(f"{ref}: the disk is full while downloading ({exc.filename or 'the Hub cache'}); free "
+                          f"space or point HF_HOME at a larger disk")
+    status = hub.http_status(exc)
+    detail = f"HTTP {status}" if status else type(exc).__name__
+    first = str(exc).splitlines()[0] if str(exc) else ""
+    return MergeError(f"{ref}: the Hub at {hub.endpoint()} refused the request ({detail}{': ' + first if first else ''})")
 
 
-def _inspect_hub_model(ref: ModelRef, *, token: Optional[str], allow_pickle: bool,
+def _inspect_hub_model(ref: ModelRef, *, token: hub.Token, allow_pickle: bool,
                        cache_dir: Optional[Path]) -> ModelSource:
     from huggingface_hub import HfApi
-    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
+    from huggingface_hub.errors import (EntryNotFoundError, HFValidationError, HfHubHTTPError,
+                                        NotASafetensorsRepoError, SafetensorsParsingError)
 
     api = HfApi(token=token)
     repo = ref.path
     try:
-        info = api.model_info(repo, revision=ref.revision, files_metadata=True)
+        info = hub.call(lambda: api.model_info(repo, revision=ref.revision, files_metadata=True),
+                        f"{ref}: model info")
         siblings = {s.rfilename: (s.size or 0) for s in (info.siblings or [])}
         if "config.json" not in siblings:
             raise MergeError(f"{ref}: the repo has no config.json; is it a transformers model?")
-        config_path = api.hf_hub_download(repo, "config.json", revision=info.sha, cache_dir=cache_dir)
+        config_path = hub.call(lambda: api.hf_hub_download(repo, "config.json", revision=info.sha,
+                                                           cache_dir=cache_dir), f"{ref}: config.json")
         card = info.card_data.to_dict() if info.card_data is not None else {}
         license_ = card.get("license")
         safetensor_files = [f for f in siblings if f.endswith(".safetensors")]
         if safetensor_files:
-            meta = api.get_safetensors_metadata(repo, revision=info.sha)
+            meta = hub.call(lambda: api.get_safetensors_metadata(repo, revision=info.sha),
+                            f"{ref}: safetensors headers")
             headers = {}
             for file, file_meta in meta.files_metadata.items():
                 for name, t in file_meta.tensors.items():
@@ -185,13 +194,14 @@ def _inspect_hub_model(ref: ModelRef, *, token: Optional[str], allow_pickle: boo
             headers, sizes, pickled = {}, {f: siblings[f] for f in pickles}, True
     except MergeError:
         raise
-    except (HfHubHTTPError, EntryNotFoundError, OSError) as exc:
+    except (HfHubHTTPError, EntryNotFoundError, OSError, HFValidationError, NotASafetensorsRepoError,
+            SafetensorsParsingError) as exc:
         raise _hub_error(ref, exc) from None
     return ModelSource(ref, _read_json(Path(config_path), ref), headers, sizes,
                        str(license_) if license_ else None, None, pickled, info.sha)
 
 
-def fetch_model(source: ModelSource, weight_files: set[str], *, token: Optional[str] = None,
+def fetch_model(source: ModelSource, weight_files: set[str], *, token: hub.Token = None,
                 cache_dir: Optional[Path] = None) -> None:
     """Download the given weight files plus config/tokenizer files, then re-read exact headers."""
     if source.ref.local:
@@ -203,8 +213,9 @@ def fetch_model(source: ModelSource, weight_files: set[str], *, token: Optional[
     if source.pickled:  # headers come from the files themselves
         patterns = sorted(set(source.file_sizes) | set(SIDE_FILES))
     try:
-        path = snapshot_download(source.ref.path, revision=source.commit or source.ref.revision,
-                                 allow_patterns=patterns, cache_dir=cache_dir, token=token)
+        path = hub.call(lambda: snapshot_download(source.ref.path, revision=source.commit or source.ref.revision,
+                                                  allow_patterns=patterns, cache_dir=cache_dir, token=token),
+                        f"{source.ref}: download")
     except (HfHubHTTPError, OSError) as exc:
         raise _hub_error(source.ref, exc) from None
     root = Path(path)

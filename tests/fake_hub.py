@@ -46,7 +46,7 @@ class FakeHub:
     def __init__(self) -> None:
         self.repos: dict[str, FakeRepo] = {}
         self.requests: list[tuple[str, str]] = []
-        self.faults: dict[str, list[int]] = {}  # path regex -> status codes to return first, in order
+        self.faults: dict[str, list[int]] = {}  # path regex -> statuses to answer first, in order (0: hang up)
         self.token: Optional[str] = None  # when set, private and gated repos need it
         self.write_tokens: dict[str, str] = {}  # token -> user name allowed to create and upload
         self.fail_commits = 0  # how many coming commits to reject (HTTP 400, which clients do not retry)
@@ -106,10 +106,14 @@ class FakeHub:
                 self._json(status, {"error": message}, {"X-Error-Code": code, "X-Error-Message": message})
 
             def _fault(self, path: str) -> bool:
+                """Answer with the next injected status for `path`: 0 drops the connection unanswered."""
                 for pattern, statuses in hub.faults.items():
                     if statuses and re.search(pattern, path):
                         status = statuses.pop(0)
-                        self._json(status, {"error": "injected"}, {"Retry-After": "0"})
+                        if status == 0:
+                            self.close_connection = True
+                        else:
+                            self._json(status, {"error": "injected"}, {"Retry-After": "0"})
                         return True
                 return False
 
@@ -194,6 +198,8 @@ class FakeHub:
                 path = unquote(urlparse(self.path).path)
                 data = json.loads(self._body() or b"{}")
                 hub.requests.append(("DELETE", path))
+                if self._fault(path):
+                    return
                 user = self._user()
                 if user is None:
                     return self._error(401, "Unauthorized", "Invalid credentials in Authorization header")
