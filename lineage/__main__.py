@@ -9,13 +9,17 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from merging.errors import HubError
+from merging.hub import repo_id_problem
+
 from .fetch import DiskCache, HubSource, RecordingSource, SnapshotSource, default_cache_dir
 from .graph import DIRECTIONS, CrawlOptions, build_lineage, composition, roots, text_tree
 from .render import render_html, to_graphml, to_json, to_mermaid
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m lineage", description="Draw a model's family tree from the Hub.")
+    parser = argparse.ArgumentParser(prog="python -m lineage", description="Draw a model's family tree from the Hub.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("model_id")
     parser.add_argument("--direction", choices=DIRECTIONS, default="up", help="ancestors, descendants or both")
     parser.add_argument("--depth", type=int, default=4, help="hops from the model")
@@ -36,6 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        problem = repo_id_problem(args.model_id)
+        if problem or "/" not in args.model_id:
+            raise ValueError(f"MODEL_ID: {args.model_id[:80]!r} is not a Hub model id like 'org/name'"
+                             + (f" ({problem})" if problem else ""))
         options = CrawlOptions(args.direction, args.depth, args.max_nodes, args.concurrency)
         if args.snapshot:
             source = SnapshotSource(args.snapshot)
@@ -44,7 +52,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             source = HubSource(token=os.environ.get("HF_TOKEN") or None, cache=cache)
         recorder = RecordingSource(source) if args.save_snapshot else None
         graph = build_lineage(args.model_id, recorder or source, options)
-    except (ValueError, OSError) as exc:
+        target = graph.nodes[args.model_id]
+        if target["status"] == "missing":
+            where = (f"the snapshot {args.snapshot}, which holds only the family of {source.target}"
+                     if isinstance(source, SnapshotSource) else "the Hub (or it is private: set HF_TOKEN)")
+            raise ValueError(f"MODEL_ID: {args.model_id} is not in {where}")
+    except (ValueError, OSError, HubError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(text_tree(graph))

@@ -98,6 +98,9 @@ def build_lineage(model_id: str, source: RecordSource, options: CrawlOptions = C
                 answers = list(pool.map(lambda q: source.children(*q), queries))
             for (parent, relation), children in zip(queries, answers):
                 for child in children:
+                    if child.lower() == parent.lower():  # a card naming itself: dropped, as its own parse does
+                        _note(graph, parent, f"self-reference to {child} in hub_children dropped")
+                        continue
                     found.setdefault(child, []).append((parent, relation or "unknown"))
         if hop > options.depth:
             for node in {c for c, _ in sum(wanted.values(), [])} | {p for p, _ in sum(found.values(), [])}:
@@ -138,6 +141,12 @@ def build_lineage(model_id: str, source: RecordSource, options: CrawlOptions = C
             break
     graph.graph["cycles"] = find_cycles(graph)
     return graph
+
+
+def _note(graph: nx.DiGraph, node: str, note: str) -> None:
+    notes = graph.nodes[node].setdefault("notes", [])
+    if note not in notes:
+        notes.append(note)
 
 
 def merge_preview(config: dict, child: str) -> nx.DiGraph:
@@ -225,7 +234,12 @@ def composition(graph: nx.DiGraph, target: Optional[str] = None) -> dict[str, fl
 
 
 def text_tree(graph: nx.DiGraph) -> str:
-    """A short indented tree: ancestors above the target, descendants below."""
+    """An indented tree: ancestors above the target, descendants below.
+
+    A model reached again (merges share ancestors) is printed with "(see above)" instead of its
+    subtree again, so the output grows with the edges, not with the paths: a lattice of a few
+    dozen merges has millions of paths.
+    """
     target = graph.graph["target"]
     lines = []
 
@@ -236,16 +250,26 @@ def text_tree(graph: nx.DiGraph) -> str:
             extra.append(f"cut: {data['cut']}")
         return node + (f" [{', '.join(extra)}]" if extra else "")
 
-    def walk(node: str, depth: int, seen: frozenset, neighbours, arrow: str) -> None:
-        for other in sorted(neighbours(node)):
-            edge = graph.edges[other, node] if arrow == "<-" else graph.edges[node, other]
-            method = f" {edge['method']}" if edge.get("method") else ""
-            loop = " (cycle)" if other in seen else ""
-            lines.append(f"{'  ' * depth}{arrow} {edge['relation']}{method}: {label(other)}{loop}")
-            if other not in seen:
-                walk(other, depth + 1, seen | {other}, neighbours, arrow)
+    def walk(root: str, neighbours, arrow: str) -> None:
+        printed = {root}
+        path = {root}
+
+        def visit(node: str, depth: int) -> None:
+            for other in sorted(neighbours(node)):
+                edge = graph.edges[other, node] if arrow == "<-" else graph.edges[node, other]
+                method = f" {edge['method']}" if edge.get("method") else ""
+                again = " (cycle)" if other in path else " (see above)" if other in printed and \
+                    any(True for _ in neighbours(other)) else ""
+                lines.append(f"{'  ' * depth}{arrow} {edge['relation']}{method}: {label(other)}{again}")
+                if other not in printed:
+                    printed.add(other)
+                    path.add(other)
+                    visit(other, depth + 1)
+                    path.discard(other)
+
+        visit(root, 1)
 
     lines.append(label(target))
-    walk(target, 1, frozenset({target}), graph.predecessors, "<-")
-    walk(target, 1, frozenset({target}), graph.successors, "->")
+    walk(target, graph.predecessors, "<-")
+    walk(target, graph.successors, "->")
     return "\n".join(lines)

@@ -23,12 +23,14 @@ from typing import Any, Iterable, Optional
 
 import yaml
 
+from merging import untrusted_yaml
+from merging.hub import repo_id_problem
+
 from .fetch import CONFIG_FILES, RELATIONS, ModelRecord
 
 HUB_URL = re.compile(r"^https?://huggingface\.co/")
-REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _LINK = re.compile(r"\[[^\]]*\]\(https?://huggingface\.co/([A-Za-z0-9][\w.-]*/[\w.-]+?)/?\)")
-_FRONT_MATTER = re.compile(r"^---\s*\n(.*?)\n---\s*(?:\n|$)", re.S)
+MAX_PARENTS = 64  # per card: merges name a handful; a card listing thousands would cost a request each
 _YAML_BLOCK = re.compile(r"```\s*(?:ya?ml)?\s*\n(.*?)```", re.S)
 _LIST_HEADERS = re.compile(r"(The following models were included in the merge:|is a merge of the following models[^\n]*)")
 _BASE_SENTENCE = re.compile(r"using\s+\[[^\]]*\]\(https?://huggingface\.co/([A-Za-z0-9][\w.-]*/[\w.-]+?)/?\)\s+as\s+a\s+base")
@@ -56,12 +58,13 @@ class ParsedRecord:
 
 
 def normalize_id(ref: str) -> Optional[str]:
-    """A Hub repo id from a config/card reference: URL prefix, `@revision` and `+lora` parts removed."""
+    """A Hub repo id (`org/name`) from a config/card reference, URL prefix and `@revision` removed;
+    None when what remains is not a valid repo id."""
     if not isinstance(ref, str):
         return None
     text = HUB_URL.sub("", ref.strip()).strip("/")
     text = text.split("@", 1)[0]
-    return text if REPO_ID.match(text) else None
+    return text if "/" in text and repo_id_problem(text) is None else None
 
 
 def split_lora(ref: str) -> list[str]:
@@ -69,18 +72,9 @@ def split_lora(ref: str) -> list[str]:
     return [p for p in (normalize_id(part) for part in str(ref).split("+")) if p]
 
 
-def front_matter(card: Optional[str]) -> tuple[Optional[dict], bool]:
-    """(metadata, parsed_ok) from a card's YAML front matter."""
-    if not card:
-        return None, True
-    match = _FRONT_MATTER.match(card)
-    if not match:
-        return None, True
-    try:
-        meta = yaml.safe_load(match.group(1))
-    except yaml.YAMLError:
-        return None, False
-    return (meta if isinstance(meta, dict) else None), isinstance(meta, dict) or meta is None
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:60] + "..."
 
 
 def _as_list(value: Any) -> list:
@@ -89,18 +83,21 @@ def _as_list(value: Any) -> list:
     return value if isinstance(value, list) else [value]
 
 
-def mergekit_configs(record: ModelRecord) -> list[dict]:
-    """Every mergekit config the repo carries: config files first, then README yaml blocks."""
+def mergekit_configs(record: ModelRecord, notes: Optional[list[str]] = None) -> list[dict]:
+    """Every mergekit config the repo carries: config files first, then README yaml blocks. A text
+    over the YAML limits is skipped with a note (it may be hostile); one that does not parse, quietly."""
     found = []
-    texts = [record.files[name] for name in CONFIG_FILES if name in record.files]
-    body = record.card or ""
-    match = _FRONT_MATTER.match(body)
-    if match:
-        body = body[match.end():]
-    texts += [block for block in _YAML_BLOCK.findall(body) if "merge_method" in block or "experts" in block]
-    for text in texts:
+    texts = [(name, record.files[name]) for name in CONFIG_FILES if name in record.files]
+    _, body = untrusted_yaml.split_front_matter(record.card or "")
+    texts += [("a README yaml block", block) for block in _YAML_BLOCK.findall(body)
+              if "merge_method" in block or "experts" in block]
+    for name, text in texts:
         try:
-            config = yaml.safe_load(text)
+            config = untrusted_yaml.load(text)
+        except untrusted_yaml.UnsafeYAML as exc:
+            if notes is not None:
+                notes.append(f"{name} refused: {exc}")
+            continue
         except yaml.YAMLError:
             continue
         if isinstance(config, dict) and ("merge_method" in config or "experts" in config):
@@ -199,19 +196,22 @@ def infer_relation(record: ModelRecord, parent_count: int, has_config: bool) -> 
 def parse_record(record: ModelRecord) -> ParsedRecord:
     """Every parent link the record's evidence supports, duplicates merged into one link per parent."""
     notes: list[str] = []
-    meta, ok = front_matter(record.card)
-    card_status = "none" if record.card is None else ("ok" if ok else "unparsable")
-    if not ok:
-        notes.append("card metadata (YAML front matter) does not parse")
+    meta, problem = untrusted_yaml.front_matter(record.card)
+    card_status = "none" if record.card is None else ("unparsable" if problem else "ok")
+    if problem:
+        notes.append(problem)
     hub_card = record.info.get("cardData")
     card_data = {**(meta or {}), **(hub_card if isinstance(hub_card, dict) else {})}
-    configs = mergekit_configs(record)
+    configs = mergekit_configs(record, notes)
     declared = card_data.get("base_model_relation")
     declared = declared if declared in RELATIONS else None
 
     raw: list[tuple[str, str, Optional[str], dict]] = []  # (parent, source, explicit relation, params)
     for ref in _as_list(card_data.get("base_model")):
-        for parent in split_lora(ref):
+        parents = split_lora(ref)
+        if not parents:
+            notes.append(f"base_model entry {_shown(ref)} is not a Hub repo id; ignored")
+        for parent in parents:
             raw.append((parent, "card_metadata", declared, {}))
     for parent, relation in _hub_relations(record.info):
         raw.append((parent, "hub_relation", relation, {}))
@@ -237,6 +237,9 @@ def parse_record(record: ModelRecord) -> ParsedRecord:
             notes.append(f"self-reference to {parent} in {source} dropped")
             continue
         grouped.setdefault(parent, []).append((source, relation, params))
+    if len(grouped) > MAX_PARENTS:
+        notes.append(f"the card names {len(grouped):,} parents; kept the first {MAX_PARENTS}")
+        grouped = dict(list(grouped.items())[:MAX_PARENTS])
     fallback = infer_relation(record, len(grouped), bool(configs))
     links: dict[str, ParentLink] = {}
     for parent, items in grouped.items():

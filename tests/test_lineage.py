@@ -252,12 +252,15 @@ def test_snapshot_round_trip_and_cli(family, tmp_path, capsys):
     recorder.save(tmp_path / "snap.json", target="org/merge2")
     offline = build_lineage("org/merge2", SnapshotSource(tmp_path / "snap.json"), CrawlOptions(depth=5))
     assert to_json(offline) == to_json(live)
-    code = lineage_main(["org/loop-a", "--snapshot", str(tmp_path / "snap.json"), "--json", str(tmp_path / "o.json"),
+    code = lineage_main(["org/merge2", "--snapshot", str(tmp_path / "snap.json"), "--json", str(tmp_path / "o.json"),
                          "--html", str(tmp_path / "o.html"), "--graphml", str(tmp_path / "o.graphml"),
                          "--mermaid", str(tmp_path / "o.mmd")])
     assert code == 0
-    out = capsys.readouterr().out
-    assert out.startswith("org/loop-a [missing]")  # loop-a was not part of the recorded crawl
+    assert capsys.readouterr().out.startswith("org/merge2")
+    code = lineage_main(["org/loop-a", "--snapshot", str(tmp_path / "snap.json")])
+    err = capsys.readouterr().err  # loop-a was not part of the recorded crawl
+    assert code == 2 and err == (f"error: MODEL_ID: org/loop-a is not in the snapshot {tmp_path / 'snap.json'}, "
+                                 f"which holds only the family of org/merge2\n")
     code = lineage_main(["org/loop-a", "--depth", "3", "--save-snapshot", str(tmp_path / "loop.json"),
                          "--json", str(tmp_path / "loop-graph.json"), "--no-cache"])
     out = capsys.readouterr().out
