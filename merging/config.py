@@ -7,16 +7,20 @@ that need the models (layer ranges, shapes, architectures) happen in `plan`. Eve
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import torch
 import yaml
 
+from . import untrusted_yaml
 from .errors import MergeError, did_you_mean
+from .hub import repo_id_problem
 from .methods import REGISTRY, BasePolicy, MergeMethod, Parameter
 
 Scalar = Union[bool, int, float, str]
@@ -36,7 +40,7 @@ _TOP_KEYS = ("merge_method", "base_model", "models", "slices", "parameters", "dt
 _MODEL_KEYS = ("model", "parameters")
 _SLICE_KEYS = ("sources", "base_model", "parameters", "residual_weight")
 _SOURCE_KEYS = ("model", "layer_range", "parameters")
-_REPO_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*$")
+FLOAT32_MAX = 3.4028234663852886e38  # merges compute in float32: a larger parameter overflows
 
 
 @dataclass(frozen=True)
@@ -93,6 +97,7 @@ class MergeConfig:
     tokenizer_source: Optional[Union[str, ModelRef]]  # "base", a model, or None
     chat_template: Optional[str]
     text: str  # the YAML as the user wrote it, embedded in the model card
+    warnings: tuple[str, ...] = ()  # legitimate but unusual values, for the log and the card
 
     def referenced_models(self) -> list[ModelRef]:
         """Every model the merge reads, base first, each once, in config order."""
@@ -111,28 +116,56 @@ class MergeConfig:
         return list(seen)
 
 
-def parse_model_ref(value: Any, where: str, base_dir: Optional[Path] = None) -> ModelRef:
+def _shown(value: Any, limit: int = 80) -> str:
+    """`value` as an error message quotes it, shortened past `limit` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text):,} characters)"
+
+
+def _is_dir(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except OSError:  # a name too long for the file system, say: not a directory
+        return False
+
+
+def parse_model_ref(value: Any, where: str, base_dir: Optional[Path] = None,
+                    local_roots: Optional[Sequence[Path]] = None) -> ModelRef:
+    """A model reference. With `local_roots` (a shared deployment), only directories under those
+    roots are local models; anything else that is not a Hub repo id is refused without looking
+    at the file system, so an error never tells what exists on the server."""
     if not isinstance(value, str) or not value.strip():
-        raise MergeError(f"{where}: expected a Hub repo id or a local directory, got {value!r}")
+        raise MergeError(f"{where}: expected a Hub repo id or a local directory, got {_shown(value)}")
     text = value.strip()
     if "+" in text:
         raise MergeError(f"{where}: LoRA references ('model+lora') are not supported yet; merge the adapter into "
                          f"the model first and reference the result")
     path, _, revision = text.partition("@")
     if _ and not revision:
-        raise MergeError(f"{where}: {text!r} has an empty revision after '@'")
-    local_path = Path(os.path.expanduser(path))
-    if base_dir is not None and not local_path.is_absolute():
-        local_path = base_dir / local_path
-    if local_path.is_dir():
-        if revision:
-            raise MergeError(f"{where}: a revision ('@{revision}') only applies to Hub repos, not the local "
-                             f"directory {path!r}")
-        return ModelRef(str(local_path.resolve()), None, local=True)
-    looks_like_path = path.startswith(("/", ".", "~")) or os.sep in path.strip("/").replace("/", "", 1)
-    if looks_like_path or not _REPO_ID.match(path):
-        raise MergeError(f"{where}: {path!r} is neither an existing local directory nor a Hub repo id "
-                         f"like 'org/name'")
+        raise MergeError(f"{where}: {_shown(text)} has an empty revision after '@'")
+    looks_like_path = path.startswith(("/", ".", "~")) or path.count("/") > 1 or os.sep != "/" and os.sep in path
+    if local_roots is not None:
+        if looks_like_path:
+            local = Path(path).resolve() if Path(path).is_absolute() else None
+            if local is None or not any(local.is_relative_to(root.resolve()) for root in local_roots) \
+                    or not _is_dir(local):
+                raise MergeError(f"{where}: local paths are not allowed here; use Hub repo ids like 'org/name'")
+            return ModelRef(str(local), None, local=True)
+    else:
+        local_path = Path(os.path.expanduser(path))
+        if base_dir is not None and not local_path.is_absolute():
+            local_path = base_dir / local_path
+        if _is_dir(local_path):
+            if revision:
+                raise MergeError(f"{where}: a revision ('@{revision}') only applies to Hub repos, not the local "
+                                 f"directory {_shown(path)}")
+            return ModelRef(str(local_path.resolve()), None, local=True)
+    problem = None if looks_like_path else repo_id_problem(path)
+    if looks_like_path or problem:
+        if local_roots is not None:
+            raise MergeError(f"{where}: {_shown(path)} is not a Hub repo id like 'org/name' ({problem})")
+        raise MergeError(f"{where}: {_shown(path)} is neither an existing local directory nor a Hub repo id "
+                         f"like 'org/name'" + (f" ({problem})" if problem else ""))
     return ModelRef(path, revision or None)
 
 
@@ -157,9 +190,14 @@ def _check_scalar(value: Any, param: Parameter, where: str) -> Scalar:
             except ValueError:
                 pass
         kind = "an integer" if param.type is int else "a number"
-        raise MergeError(f"{where}: {param.name} must be {kind}, got {value!r}")
+        raise MergeError(f"{where}: {param.name} must be {kind}, got {_shown(value, 40)}")
+    if not math.isfinite(value) or abs(value) > FLOAT32_MAX:
+        raise MergeError(f"{where}: {param.name} is {value!r}, out of range: merges compute in float32, whose "
+                         f"largest value is 3.4e38")
     if param.type is int and not float(value).is_integer():
         raise MergeError(f"{where}: {param.name} must be an integer, got {value!r}")
+    if param.valid is not None and value not in param.valid:
+        raise MergeError(f"{where}: {param.name} must lie in {param.valid}, got {value!r}")
     return param.type(value)
 
 
@@ -231,10 +269,16 @@ def _parse_layer_range(raw: Any, where: str) -> tuple[int, int]:
     return start, end
 
 
-def parse_config(text: str, *, base_dir: Optional[Path] = None) -> MergeConfig:
-    """Parse and validate a YAML merge config. Raises `MergeError` with a one-line message."""
+def parse_config(text: str, *, base_dir: Optional[Path] = None,
+                 local_roots: Optional[Sequence[Path]] = None) -> MergeConfig:
+    """Parse and validate a YAML merge config. Raises `MergeError` with a one-line message.
+
+    Relative local paths resolve against `base_dir`; with `local_roots` (a shared deployment) only
+    directories under those roots may be named (`parse_model_ref`)."""
     try:
-        raw = yaml.safe_load(text)
+        raw = untrusted_yaml.load(text)
+    except untrusted_yaml.UnsafeYAML as exc:
+        raise MergeError(f"config: refused: {exc}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -257,19 +301,22 @@ def parse_config(text: str, *, base_dir: Optional[Path] = None) -> MergeConfig:
         raise MergeError("tokenizer: the tokenizer block is not supported yet; use tokenizer_source: base "
                          "or a model reference")
 
-    base_model = parse_model_ref(raw["base_model"], "base_model", base_dir) if raw.get("base_model") else None
+    def ref(value: Any, where: str) -> ModelRef:
+        return parse_model_ref(value, where, base_dir, local_roots)
+
+    base_model = ref(raw["base_model"], "base_model") if raw.get("base_model") else None
     has_models, has_slices = raw.get("models") is not None, raw.get("slices") is not None
     if has_models == has_slices:
         raise MergeError("models/slices: give exactly one of 'models' (whole models) or 'slices' (layer ranges)")
 
     models = slices = None
     if has_models:
-        models = _parse_models(raw["models"], method, base_model, base_dir)
+        models = _parse_models(raw["models"], method, ref)
     else:
-        slices = _parse_slices(raw["slices"], method, base_model, base_dir)
+        slices = _parse_slices(raw["slices"], method, ref)
 
     parameters = _parse_parameters(raw.get("parameters"), method, "parameters")
-    tokenizer_source = _parse_tokenizer_source(raw.get("tokenizer_source"), base_model, base_dir)
+    tokenizer_source = _parse_tokenizer_source(raw.get("tokenizer_source"), base_model, ref)
     chat_template = _parse_chat_template(raw.get("chat_template"))
 
     config = MergeConfig(
@@ -278,10 +325,43 @@ def parse_config(text: str, *, base_dir: Optional[Path] = None) -> MergeConfig:
         tokenizer_source=tokenizer_source, chat_template=chat_template, text=text,
     )
     _check_input_counts(config)
-    return config
+    return dataclasses.replace(config, warnings=tuple(_unusual_values(config)))
 
 
-def _parse_models(raw: Any, method: MergeMethod, base: Optional[ModelRef], base_dir) -> tuple[ModelEntry, ...]:
+def _scopes(config: MergeConfig) -> Iterator[tuple[str, dict[str, Setting]]]:
+    """(where, parameters) of every scope a config sets parameters in."""
+    yield "parameters", config.parameters
+    for i, entry in enumerate(config.models or ()):
+        yield f"models[{i}].parameters", entry.parameters
+    for i, out in enumerate(config.slices or ()):
+        yield f"slices[{i}].parameters", out.parameters
+        for j, source in enumerate(out.sources):
+            yield f"slices[{i}].sources[{j}].parameters", source.parameters
+
+
+def _numbers(setting: Setting) -> Iterator[float]:
+    if isinstance(setting, tuple):
+        for item in setting:
+            yield from _numbers(item.value if isinstance(item, Conditional) else item)
+    elif isinstance(setting, (int, float)) and not isinstance(setting, bool):
+        yield setting
+
+
+def _unusual_values(config: MergeConfig) -> Iterator[str]:
+    """Warnings for values that merge but seldom mean what was intended (negative weights, a huge lambda)."""
+    for where, scope in _scopes(config):
+        for name, setting in scope.items():
+            usual = config.method.param_index[name].usual
+            odd = [v for v in _numbers(setting) if usual is not None and v not in usual]
+            if odd:
+                yield (f"{where}.{name}: {odd[0]:g} is outside the usual range {usual}; merged as written, "
+                       f"check that it is meant")
+
+
+RefParser = Callable[[Any, str], ModelRef]
+
+
+def _parse_models(raw: Any, method: MergeMethod, ref: RefParser) -> tuple[ModelEntry, ...]:
     if not isinstance(raw, list) or not raw:
         raise MergeError("models: must be a non-empty list of entries with a 'model' key")
     entries = []
@@ -292,9 +372,8 @@ def _parse_models(raw: Any, method: MergeMethod, base: Optional[ModelRef], base_
         if not isinstance(item, dict) or "model" not in item:
             raise MergeError(f"{where}: each entry needs a 'model' key")
         _check_keys(item, _MODEL_KEYS, f"{where}.")
-        ref = parse_model_ref(item["model"], f"{where}.model", base_dir)
         params = _parse_parameters(item.get("parameters"), method, f"{where}.parameters")
-        entries.append(ModelEntry(ref, params))
+        entries.append(ModelEntry(ref(item["model"], f"{where}.model"), params))
     seen = set()
     for i, entry in enumerate(entries):
         if entry.model in seen:
@@ -303,7 +382,7 @@ def _parse_models(raw: Any, method: MergeMethod, base: Optional[ModelRef], base_
     return tuple(entries)
 
 
-def _parse_slices(raw: Any, method: MergeMethod, base: Optional[ModelRef], base_dir) -> tuple[OutputSlice, ...]:
+def _parse_slices(raw: Any, method: MergeMethod, ref: RefParser) -> tuple[OutputSlice, ...]:
     if not isinstance(raw, list) or not raw:
         raise MergeError("slices: must be a non-empty list of entries with 'sources'")
     result = []
@@ -326,7 +405,7 @@ def _parse_slices(raw: Any, method: MergeMethod, base: Optional[ModelRef], base_
             if "layer_range" not in src:
                 raise MergeError(f"{src_where}.layer_range: required, e.g. [0, 32] (end exclusive)")
             sources.append(SliceSource(
-                parse_model_ref(src["model"], f"{src_where}.model", base_dir),
+                ref(src["model"], f"{src_where}.model"),
                 _parse_layer_range(src["layer_range"], f"{src_where}.layer_range"),
                 _parse_parameters(src.get("parameters"), method, f"{src_where}.parameters"),
             ))
@@ -334,14 +413,13 @@ def _parse_slices(raw: Any, method: MergeMethod, base: Optional[ModelRef], base_
         if len(lengths) > 1:
             ranges = ", ".join(f"{list(s.layer_range)}" for s in sources)
             raise MergeError(f"{where}.sources: every source of a slice needs the same number of layers; got {ranges}")
-        slice_base = (parse_model_ref(item["base_model"], f"{where}.base_model", base_dir)
-                      if item.get("base_model") else None)
+        slice_base = ref(item["base_model"], f"{where}.base_model") if item.get("base_model") else None
         result.append(OutputSlice(tuple(sources), slice_base,
                                   _parse_parameters(item.get("parameters"), method, f"{where}.parameters")))
     return tuple(result)
 
 
-def _parse_tokenizer_source(raw: Any, base: Optional[ModelRef], base_dir) -> Optional[Union[str, ModelRef]]:
+def _parse_tokenizer_source(raw: Any, base: Optional[ModelRef], ref: RefParser) -> Optional[Union[str, ModelRef]]:
     if raw is None:
         return None
     if raw == "union":
@@ -350,7 +428,7 @@ def _parse_tokenizer_source(raw: Any, base: Optional[ModelRef], base_dir) -> Opt
         if base is None:
             raise MergeError("tokenizer_source: 'base' needs a base_model; set base_model or name a model")
         return "base"
-    return parse_model_ref(raw, "tokenizer_source", base_dir)
+    return ref(raw, "tokenizer_source")
 
 
 def _parse_chat_template(raw: Any) -> Optional[str]:

@@ -23,16 +23,16 @@ Semantics and defaults follow mergekit 0.1.5; the docs list where we deliberatel
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Callable, Iterator, Optional, Protocol, Sequence, TypeVar
-
-import math
 
 import torch
 import torch.nn.functional as F
 
 from . import native
+from .errors import MergeError
 from .selection import TopK, bernoulli, bernoulli_draws, stream_seed, uniform
 
 Tensor = torch.Tensor
@@ -98,12 +98,35 @@ class BasePolicy(str, Enum):
 
 
 @dataclass(frozen=True)
+class Range:
+    """An interval of numbers; an open end excludes its bound."""
+
+    low: float = -math.inf
+    high: float = math.inf
+    low_open: bool = False
+    high_open: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        return above and below
+
+    def __str__(self) -> str:
+        def bound(x: float) -> str:
+            return f"{x:g}" if math.isfinite(x) else ("-inf" if x < 0 else "inf")
+
+        return f"{'(' if self.low_open else '['}{bound(self.low)}, {bound(self.high)}{')' if self.high_open else ']'}"
+
+
+@dataclass(frozen=True)
 class Parameter:
     name: str
     type: type  # float, int or bool
     default: Any = REQUIRED
     per_model: bool = False
     optional: bool = False  # None is an accepted value (passthrough's scale)
+    valid: Optional[Range] = None  # values outside have no meaning: refused when the config is read
+    usual: Optional[Range] = None  # values outside are legitimate but unusual: merged with a warning
 
     @property
     def required(self) -> bool:
@@ -127,6 +150,8 @@ class MergeMethod:
     prepare: Optional[Callable[..., "Kernel"]] = None
     # For methods without `prepare`, `FusedKernel.narrow` for `fn`: narrow(base, models, out_dtype, **params).
     narrow: Optional[Callable[..., Optional[Tensor]]] = None
+    # Checks that span parameters, on the values resolved for one tensor: a problem in one line, or None.
+    check: Optional[Callable[[dict[str, Any]], Optional[str]]] = None
     reference: str = ""
     param_index: dict[str, Parameter] = field(init=False, repr=False, compare=False)
 
@@ -245,15 +270,13 @@ def outlier_prune(delta: Tensor, density: float, gamma: float, rescale: bool) ->
 
 
 def rank_prune(delta: Tensor, density: float, epsilon: float, rescale: bool, seed: int) -> Tensor:
-    """Keep entries with a probability that grows with their magnitude rank per row (DELLA)."""
+    """Keep entries with a probability that grows with their magnitude rank per row (DELLA).
+
+    Planning refuses a density +/- epsilon outside (0, 1) (`della_window_problem`)."""
     if density >= 1:
         return delta
     if density <= 0:
         return torch.zeros_like(delta)
-    if density + epsilon >= 1 or density - epsilon <= 0:
-        raise ValueError(
-            f"della needs density +/- epsilon inside (0, 1); got density {density} and epsilon {epsilon}"
-        )
     rows = delta if delta.dim() >= 2 else delta.unsqueeze(0)
     ranks = rows.abs().argsort(dim=1).argsort(dim=1).to(rows.dtype) + 1
     low = ranks.min(dim=1, keepdim=True).values
@@ -383,7 +406,7 @@ def multislerp(
     mean_norm = torch.norm(mean)
     if mean_norm < eps:
         if len(models) != 2:
-            raise ValueError("multislerp: the weighted inputs cancel out (antipodal tensors); change the weights")
+            raise MergeError("multislerp: the weighted inputs cancel out (opposite tensors); change the weights")
         result = (flat[0] * weights[0] + flat[1] * weights[1]).view(stacked.shape[1:])
         return result if base is None else result + base
     mean = mean / mean_norm
@@ -723,12 +746,23 @@ def passthrough(base: None, models: list[Tensor], *, scale: list[Optional[float]
 # --------------------------------------------------------------------------------------------
 # Registry
 
-_WEIGHT = Parameter("weight", float, per_model=True)
+_WEIGHT = Parameter("weight", float, per_model=True, usual=Range(0))
+_UNIT = Range(0, 1)
+
+
+def della_window_problem(params: dict[str, Any]) -> Optional[str]:
+    """DELLA keeps entries with probabilities from density - epsilon to density + epsilon: both must
+    lie inside (0, 1) wherever it prunes (0 < density < 1)."""
+    for k, (density, epsilon) in enumerate(zip(params["density"], params["epsilon"])):
+        if 0 < density < 1 and not (0 < density - epsilon and density + epsilon < 1):
+            return (f"epsilon: della keeps entries with probabilities density +/- epsilon, which must lie inside "
+                    f"(0, 1); model {k + 1} has density {density:g} and epsilon {epsilon:g}: lower epsilon")
+    return None
 
 register(MergeMethod("linear", "Linear (model soup)", linear, BasePolicy.IGNORED,
                      (_WEIGHT, Parameter("normalize", bool, True)), chunkable=True, narrow=linear_narrow,
                      reference="https://arxiv.org/abs/2203.05482"))
-register(MergeMethod("slerp", "SLERP", None, BasePolicy.REQUIRED, (Parameter("t", float),),
+register(MergeMethod("slerp", "SLERP", None, BasePolicy.REQUIRED, (Parameter("t", float, valid=_UNIT),),
                      min_models=1, max_models=1, chunkable=True, prepare=prepare_slerp,
                      reference="https://en.wikipedia.org/wiki/Slerp"))
 register(MergeMethod("nuslerp", "NuSLERP", nuslerp, BasePolicy.OPTIONAL,
@@ -748,18 +782,19 @@ def _task_arithmetic(name: str, title: str, sparsify: Optional[Sparsify], consen
         Parameter("int8_mask", bool, False),
         Parameter("normalize", bool, normalize),
         Parameter("rescale", bool, rescale),
-        Parameter("lambda", float, 1.0),
+        Parameter("lambda", float, 1.0, usual=Range(0, 10)),
         _WEIGHT,
-        Parameter("density", float, 1.0, per_model=True),
+        Parameter("density", float, 1.0, per_model=True, valid=_UNIT),
     ]
     if sparsify is Sparsify.OUTLIERS:
-        params.append(Parameter("gamma", float, 0.01, per_model=True))
+        params.append(Parameter("gamma", float, 0.01, per_model=True, valid=_UNIT))
     if sparsify is Sparsify.RANK:
-        params.append(Parameter("epsilon", float, 0.15, per_model=True))
+        params.append(Parameter("epsilon", float, 0.15, per_model=True, valid=Range(0, 0.5, high_open=True)))
     randomized = sparsify in (Sparsify.RANDOM, Sparsify.RANK)
     chunkable = sparsify in (None, Sparsify.MAGNITUDE, Sparsify.RANDOM)
     return register(MergeMethod(name, title, None, BasePolicy.REQUIRED, tuple(params), randomized=randomized,
                                 chunkable=chunkable, prepare=task_arithmetic_family(sparsify, consensus),
+                                check=della_window_problem if sparsify is Sparsify.RANK else None,
                                 reference=reference))
 
 
@@ -778,7 +813,7 @@ register(MergeMethod("model_stock", "Model Stock", model_stock, BasePolicy.REQUI
                      (Parameter("filter_wise", bool, False),), min_models=2,
                      reference="https://arxiv.org/abs/2403.19522"))
 register(MergeMethod("sce", "SCE", sce, BasePolicy.REQUIRED,
-                     (Parameter("int8_mask", bool, False), Parameter("select_topk", float, 1.0)),
+                     (Parameter("int8_mask", bool, False), Parameter("select_topk", float, 1.0, valid=_UNIT)),
                      reference="https://arxiv.org/abs/2408.07990"))
 register(MergeMethod("nearswap", "NearSwap", nearswap, BasePolicy.REQUIRED, (Parameter("t", float),),
                      min_models=1, max_models=1, chunkable=True,

@@ -162,7 +162,7 @@ def build_plan(config: MergeConfig, sources: dict[ModelRef, ModelSource]) -> Mer
     _check_architectures(models)
     slices = _slices(config, layouts)
     method = config.method
-    warnings: list[str] = []
+    warnings: list[str] = list(config.warnings)
 
     reference = sources[config.base_model] if config.base_model else sources[slices[0].sources[0][0]]
     if config.tokenizer_source == "base":
@@ -206,6 +206,9 @@ def build_plan(config: MergeConfig, sources: dict[ModelRef, ModelSource]) -> Mer
                     values.append(resolve_parameter(param, (own, slice_.parameters, config.parameters), in_name, t,
                                                     f"{slice_.where} ({ref})"))
                 params[param.name] = values
+        problem = method.check(params) if method.check is not None else None
+        if problem:
+            raise MergeError(f"{slice_.where}: {problem}")
         headers = [sources[ref].tensors[name] for _, name, ref in inputs]
         shapes = {h.shape for h in headers}
         rows = None

@@ -58,18 +58,28 @@ def dtype_from_code(code: str, where: str) -> torch.dtype:
     try:
         return DTYPE_CODES[code]
     except KeyError:
-        raise ValueError(f"{where}: unsupported safetensors dtype {code}") from None
+        raise MergeError(f"{where}: unsupported safetensors dtype {str(code)[:20]!r}; supported: "
+                         f"{', '.join(DTYPE_CODES)}") from None
 
 
 def read_header(path: Path, file_name: Optional[str] = None) -> dict[str, TensorHeader]:
     """Parse one .safetensors file's header (a few KB read; no tensor data)."""
+    not_safetensors = f"{path}: not a safetensors file (a broken or interrupted download?); download it again"
     with open(path, "rb") as f:
-        (length,) = struct.unpack("<Q", f.read(8))
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise MergeError(not_safetensors)
+        (length,) = struct.unpack("<Q", prefix)
         if length > 100_000_000:
-            raise ValueError(f"{path.name}: not a safetensors file (header of {length} bytes)")
-        header = json.loads(f.read(length))
-    data_start = 8 + length
-    return headers_from_json(header, file_name or path.name, data_start)
+            raise MergeError(not_safetensors)
+        try:
+            header = json.loads(f.read(length))
+        except (ValueError, RecursionError):
+            raise MergeError(not_safetensors) from None
+    try:
+        return headers_from_json(header, file_name or path.name, 8 + length)
+    except (AttributeError, KeyError, TypeError, ValueError):
+        raise MergeError(not_safetensors) from None
 
 
 def headers_from_json(header: dict, file_name: str, data_start: int = 0) -> dict[str, TensorHeader]:
@@ -79,7 +89,7 @@ def headers_from_json(header: dict, file_name: str, data_start: int = 0) -> dict
             continue
         begin, end = info["data_offsets"]
         result[name] = TensorHeader(name, dtype_from_code(info["dtype"], f"{file_name}:{name}"),
-                                    tuple(info["shape"]), file_name, data_start + begin, end - begin)
+                                    tuple(int(d) for d in info["shape"]), file_name, data_start + begin, end - begin)
     return result
 
 
