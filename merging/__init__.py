@@ -1,19 +1,34 @@
 """mergeline's merge engine: mergekit-compatible YAML configs, merged tensor by tensor.
 
-Pipeline: `parse_config` -> `build_plan` (via `plan_merge`) -> `execute_plan` (via `run_merge`),
-which writes the checkpoint and its card. `MergeError` is the only exception users need to catch.
+Pipeline: `parse_config` -> `plan_merge` -> `run_merge` (download what the plan reads, stream,
+write the checkpoint and its card). `MergeError` is the only exception users need to catch.
+
+Names are imported on first use, so `import merging.config` (or the Hub helpers) does not load
+torch and the kernels.
 """
 
-from .config import MergeConfig, ModelRef, parse_config
-from .errors import MergeError
-from .execute import MergeOptions, execute_plan
-from .methods import REGISTRY as METHODS
-from .pipeline import (HostedLimits, PlanSummary, enforce_limits, fetch_inputs, load_config, plan_merge, run_merge,
-                       summarize)
-from .plan import MergePlan, build_plan
+from __future__ import annotations
 
-__all__ = [
-    "HostedLimits", "METHODS", "MergeConfig", "MergeError", "MergeOptions", "MergePlan", "ModelRef", "PlanSummary",
-    "build_plan", "enforce_limits", "execute_plan", "fetch_inputs", "load_config", "parse_config", "plan_merge", "run_merge",
-    "summarize",
-]
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "MergeConfig": "config", "ModelRef": "config", "parse_config": "config",
+    "HubError": "errors", "MergeError": "errors",
+    "MergeOptions": "execute", "execute_plan": "execute",
+    "METHODS": "methods",
+    "HostedLimits": "pipeline", "MergeEvent": "pipeline", "PlanSummary": "pipeline", "enforce_limits": "pipeline",
+    "fetch_inputs": "pipeline", "load_config": "pipeline", "plan_merge": "pipeline", "run_merge": "pipeline",
+    "summarize": "pipeline",
+    "MergePlan": "plan", "build_plan": "plan",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'merging' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), "REGISTRY" if name == "METHODS" else name)
+    globals()[name] = value
+    return value

@@ -1,4 +1,8 @@
-"""Command line: ``python -m merging CONFIG.yml OUTPUT_DIR [options]``."""
+"""Command line: ``python -m merging CONFIG.yml OUTPUT_DIR [options]``.
+
+Every user-caused failure is one line on stderr and exit status 2; SIGINT and SIGTERM leave
+nothing behind either. torch loads only after the arguments parse, so ``--help`` is instant.
+"""
 
 from __future__ import annotations
 
@@ -6,14 +10,10 @@ import argparse
 import logging
 import os
 import re
+import signal
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
-
-from .errors import MergeError
-from .execute import MergeOptions
-from .pipeline import load_config, plan_merge, run_merge, summarize
-from .upload import upload_merge
 
 
 def parse_size(text: str) -> int:
@@ -31,12 +31,13 @@ def worker_count(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m merging", description="Merge models from a mergekit YAML config.")
+    parser = argparse.ArgumentParser(prog="python -m merging", description="Merge models from a mergekit YAML config.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("config", type=Path, help="mergekit-compatible YAML config")
     parser.add_argument("output_dir", type=Path, help="directory to create for the merged model")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"), help="where to compute")
     parser.add_argument("--seed", type=int, default=0, help="seed for randomized methods (dare, della)")
-    parser.add_argument("--out-shard-size", type=parse_size, default=parse_size("5GB"), help="largest output shard")
+    parser.add_argument("--out-shard-size", type=parse_size, default="5GB", help="largest output shard")
     parser.add_argument("--dry-run", action="store_true", help="validate against headers only and print the plan")
     parser.add_argument("--allow-pickle", action="store_true", help="accept pytorch_model.bin (weights_only=True)")
     parser.add_argument("--push-to", metavar="REPO", help="upload the result to this Hub repo (needs HF_TOKEN)")
@@ -47,25 +48,44 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so the merge unwinds and removes its staging folder."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated()
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    from .errors import MergeError
+    from .execute import MergeOptions
+    from .pipeline import MergeEvent, load_config, plan_merge, run_merge, summarize
+    from .upload import upload_merge
+
     token = os.environ.get("HF_TOKEN") or None
+    previous = signal.signal(signal.SIGTERM, _terminate)
+
+    def report(event: MergeEvent) -> None:
+        if args.quiet:
+            return
+        if event.is_progress:
+            print(f"\r[{event.done}/{event.total}] {event.message[:60]:<60}",
+                  end="" if event.done < event.total else "\n", file=sys.stderr)
+        else:
+            print(event.message, file=sys.stderr)
+
     try:
         config = load_config(args.config)
         if args.dry_run:
             plan = plan_merge(config, token=token, allow_pickle=args.allow_pickle)
             print("\n".join(summarize(plan).lines()))
             return 0
-
-        def progress(done: int, total: int, name: str) -> None:
-            if not args.quiet:
-                print(f"\r[{done}/{total}] {name[:60]:<60}", end="" if done < total else "\n", file=sys.stderr)
-
         options = MergeOptions(device=args.device, seed=args.seed, out_shard_bytes=args.out_shard_size,
                                workers=args.workers)
         files = run_merge(config, args.output_dir, options=options, token=token, allow_pickle=args.allow_pickle,
-                          progress=progress)
+                          on_event=report)
         url = upload_merge(args.output_dir, args.push_to, token or "", private=args.private) if args.push_to else None
     except MergeError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -73,6 +93,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted; nothing was written", file=sys.stderr)
         return 130
+    except Terminated:
+        print("error: terminated; nothing was written", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     if not args.quiet:
         print(f"wrote {len(files)} files to {args.output_dir}" + (f"; uploaded to {url}" if url else ""))
     return 0

@@ -16,11 +16,13 @@ included, has been written.
 from __future__ import annotations
 
 import ctypes
+import errno
 import hashlib
 import json
 import logging
 import os
 import platform
+import re
 import shutil
 import tempfile
 import threading
@@ -34,6 +36,7 @@ import torch
 
 from . import card as card_stage
 from .chat_templates import resolve_chat_template
+from .cleanup import remove_orphans
 from .errors import MergeError
 from .methods import FusedKernel
 from .plan import MergePlan, PlannedTensor
@@ -414,14 +417,49 @@ def _flat_offset(tensor: PlannedTensor, rows: Optional[tuple[int, int]]) -> int:
     return rows[0] * tensor.out.row_elements if rows else 0
 
 
+def check_output_dir(output_dir: Path) -> None:
+    """Refuse an OUTPUT_DIR that exists, or whose parent is not a directory we can write into."""
+    output_dir = Path(output_dir)
+    if output_dir.exists():
+        raise MergeError(f"OUTPUT_DIR: {output_dir} already exists; choose a new directory or remove it")
+    parent = next((p for p in output_dir.absolute().parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise MergeError(f"OUTPUT_DIR: {parent} is a file, not a directory; choose another OUTPUT_DIR")
+    try:  # permissions and read-only mounts, as they apply to us (root included): try it
+        os.rmdir(tempfile.mkdtemp(prefix=".mergeline-probe-", dir=parent))
+    except OSError as exc:
+        raise _cannot_create(output_dir, exc) from None
+
+
+def _cannot_create(output_dir: Path, exc: OSError) -> MergeError:
+    reason = exc.strerror.lower() if exc.strerror else type(exc).__name__
+    return MergeError(f"OUTPUT_DIR: cannot create {output_dir} ({reason}); choose a directory you can write to")
+
+
+# The checkpoint is built in `.<name>.partial-<pid>-<random>` beside OUTPUT_DIR; the pid tells a
+# later run whether the process that left one behind (killed with SIGKILL, say) is gone.
+_STAGING = re.compile(r"^\..+\.partial-(\d+)-\w+$")
+
+
+def _staging_dir(output_dir: Path) -> Path:
+    try:
+        output_dir.parent.mkdir(parents=True, exist_ok=True)
+        remove_orphans(output_dir.parent, _STAGING)
+        return Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-{os.getpid()}-", dir=output_dir.parent))
+    except OSError as exc:
+        raise _cannot_create(output_dir, exc) from None
+
+
+def _disk_full(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
 def execute_plan(plan: MergePlan, output_dir: Path, options: MergeOptions = MergeOptions(),
                  progress: Optional[ProgressFn] = None) -> list[str]:
     """Merge into `output_dir`, which must not exist. Returns the files written."""
     output_dir = Path(output_dir)
-    if output_dir.exists():
-        raise MergeError(f"OUTPUT_DIR: {output_dir} already exists; choose a new directory or remove it")
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent))
+    check_output_dir(output_dir)
+    staging = _staging_dir(output_dir)
     merger = _Merger(plan, options)
     try:
         with _HeapReuse():
@@ -429,8 +467,12 @@ def execute_plan(plan: MergePlan, output_dir: Path, options: MergeOptions = Merg
         files += write_side_files(plan, staging, title=output_dir.name)
         staging.rename(output_dir)
         return sorted(files)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(staging, ignore_errors=True)
+        if _disk_full(exc):
+            raise MergeError(f"disk: the disk holding {output_dir.parent} filled up while writing the merge; "
+                             f"nothing was left there: free {plan.output_bytes / 1e9:.1f} GB or choose another "
+                             f"OUTPUT_DIR") from None
         raise
     finally:
         merger.close()

@@ -1,33 +1,72 @@
-"""The engine's entry points, shared by the command line and the app: config -> plan -> execute -> card."""
+"""The engine's one door, shared by the command line and the app: config -> plan -> fetch -> execute -> card.
+
+`plan_merge` is the dry run (headers only); `run_merge` does the whole merge. Both take the same
+`HostedLimits` for a shared deployment, and `run_merge` reports what it does as `MergeEvent`s, so
+the CLI prints and the app streams the same lines.
+"""
 
 from __future__ import annotations
 
 import logging
+import shutil
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Union
 
+from . import hub
 from .config import MergeConfig, ModelRef, parse_config
 from .errors import MergeError
-from .execute import MergeOptions, ProgressFn, execute_plan, peak_memory
+from .execute import MergeOptions, check_output_dir, execute_plan, peak_memory
 from .plan import MergePlan, build_plan
 from .sources import ModelSource, fetch_model, inspect_model
 
 log = logging.getLogger("mergeline")
 
 
-def load_config(source: Union[str, Path]) -> MergeConfig:
-    """Parse a config from a YAML file path or from YAML text."""
+@dataclass(frozen=True)
+class MergeEvent:
+    """Something a merge reports while it runs: a log line, or progress through its tensors."""
+
+    message: str
+    done: Optional[int] = None  # tensors written so far, on progress events
+    total: Optional[int] = None
+
+    @property
+    def is_progress(self) -> bool:
+        return self.done is not None
+
+
+EventFn = Callable[[MergeEvent], None]
+
+
+@dataclass(frozen=True)
+class HostedLimits:
+    """What a shared deployment (a Space) accepts from anonymous users: local paths only under
+    `allowed_local_roots` (enforced when the config is parsed), and plans that cannot hold the
+    merge queue for long."""
+
+    max_models: int = 6
+    max_input_bytes: int = 60 * 10**9
+    max_output_bytes: int = 60 * 10**9
+    max_tensors: int = 4000  # a 70B Llama has 723, an 8x7B Mixtral 995
+    max_slices: int = 256
+    allowed_local_roots: tuple[Path, ...] = ()  # e.g. the app's own demo models
+
+
+def load_config(source: Union[str, Path], *, limits: Optional[HostedLimits] = None) -> MergeConfig:
+    """Parse a config from a YAML file path or from YAML text (with `limits`: as a Space accepts it)."""
+    roots = limits.allowed_local_roots if limits is not None else None
     if isinstance(source, Path) or (isinstance(source, str) and "\n" not in source and source.endswith((".yml", ".yaml"))):
         path = Path(source)
         if not path.is_file():
             raise MergeError(f"CONFIG: {path} does not exist")
-        return parse_config(path.read_text(), base_dir=path.parent.resolve())
-    return parse_config(source)
+        return parse_config(path.read_text(), base_dir=path.parent.resolve(), local_roots=roots)
+    return parse_config(source, local_roots=roots)
 
 
-def inspect_inputs(config: MergeConfig, *, token: Optional[str] = None, allow_pickle: bool = False,
+def inspect_inputs(config: MergeConfig, *, token: hub.Token = None, allow_pickle: bool = False,
                    cache_dir: Optional[Path] = None) -> dict[ModelRef, ModelSource]:
     """Config and tensor headers of every referenced model, looked up concurrently."""
     refs = config.referenced_models()
@@ -37,16 +76,22 @@ def inspect_inputs(config: MergeConfig, *, token: Optional[str] = None, allow_pi
         return dict(zip(refs, found))
 
 
-def plan_merge(config: MergeConfig, *, token: Optional[str] = None, allow_pickle: bool = False,
-               cache_dir: Optional[Path] = None) -> MergePlan:
+def plan_merge(config: MergeConfig, *, token: hub.Token = None, allow_pickle: bool = False,
+               cache_dir: Optional[Path] = None, limits: Optional[HostedLimits] = None) -> MergePlan:
+    """The dry run: the plan from configs and headers, within `limits` when given."""
+    if limits is not None:
+        enforce_limits(config, limits)
     sources = inspect_inputs(config, token=token, allow_pickle=allow_pickle, cache_dir=cache_dir)
     for source in sources.values():
         if source.pickled and not source.tensors:  # a Hub .bin model: headers need the files themselves
             fetch_model(source, set(source.file_sizes), token=token, cache_dir=cache_dir)
-    return build_plan(config, sources)
+    plan = build_plan(config, sources)
+    if limits is not None:
+        enforce_limits(config, limits, plan)
+    return plan
 
 
-def _size(n: int) -> str:
+def size_text(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if abs(n) < 1000 or unit == "TB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
@@ -74,9 +119,9 @@ class PlanSummary:
             f"method: {self.method}",
             f"tensors to write: {self.tensors}",
             f"output layers: {self.layers}",
-            f"output parameters: {_count(self.parameters)} ({_size(self.output_bytes)})",
-            f"to download: {_size(self.download_bytes)}",
-            f"estimated peak memory: {_size(self.peak_memory_bytes)}",
+            f"output parameters: {_count(self.parameters)} ({size_text(self.output_bytes)})",
+            f"to download: {size_text(self.download_bytes)}",
+            f"estimated peak memory: {size_text(self.peak_memory_bytes)}",
             *[f"warning: {w}" for w in self.warnings],
         ]
 
@@ -90,51 +135,106 @@ def summarize(plan: MergePlan) -> PlanSummary:
                        tuple(plan.warnings))
 
 
-def fetch_inputs(plan: MergePlan, *, token: Optional[str] = None, cache_dir: Optional[Path] = None) -> None:
-    """Download, for each Hub input, only the weight files holding tensors the plan reads."""
+def _bytes_to_download(plan: MergePlan, cache_dir: Optional[Path]) -> int:
+    """Bytes of the weight files the plan reads that are not in the Hub cache yet."""
+    from huggingface_hub import try_to_load_from_cache
+
+    total = 0
     for model, files in plan.needed_files().items():
-        fetch_model(plan.models[model], files, token=token, cache_dir=cache_dir)
+        source = plan.models[model]
+        if source.ref.local:
+            continue
+        for name in files:
+            cached = try_to_load_from_cache(source.ref.path, name, cache_dir=cache_dir,
+                                            revision=source.commit or source.ref.revision)
+            if not isinstance(cached, str):
+                total += source.file_sizes.get(name, 0)
+    return total
+
+
+def check_disk(plan: MergePlan, output_dir: Path, cache_dir: Optional[Path] = None) -> None:
+    """Refuse a merge whose downloads and output do not fit where they will be written."""
+    from huggingface_hub import constants
+
+    needs: dict[int, tuple[Path, int]] = {}  # per file system: (a folder on it, bytes)
+
+    def need(folder: Path, nbytes: int) -> None:
+        folder = next((p for p in (folder, *folder.parents) if p.exists()), Path("/"))
+        device = folder.stat().st_dev
+        _, held = needs.get(device, (folder, 0))
+        needs[device] = (folder, held + nbytes)
+
+    need(Path(cache_dir or constants.HF_HUB_CACHE), _bytes_to_download(plan, cache_dir))
+    need(Path(output_dir).absolute().parent, plan.output_bytes)
+    for folder, nbytes in needs.values():
+        needed = int(nbytes * 1.02) + 64 * 2**20  # side files, the card, the file systems' own overhead
+        free = shutil.disk_usage(folder).free
+        if needed > free:
+            raise MergeError(f"disk: the merge needs {size_text(needed)} on the disk holding {folder} (downloads "
+                             f"and output), and only {size_text(free)} are free; free space or choose another "
+                             f"OUTPUT_DIR (downloads go to HF_HOME's cache)")
+
+
+def fetch_inputs(plan: MergePlan, *, token: hub.Token = None, cache_dir: Optional[Path] = None,
+                 on_event: Optional[EventFn] = None) -> None:
+    """Download, for each Hub input, only the weight files holding tensors the plan reads."""
+    say = on_event or (lambda event: None)
+    for model, files in plan.needed_files().items():
+        source = plan.models[model]
+        if source.ref.local:
+            continue
+        nbytes = sum(source.file_sizes.get(f, 0) for f in files)
+        say(MergeEvent(f"downloading {source.ref}: {len(files)} weight file{'s' * (len(files) != 1)}, "
+                       f"{size_text(nbytes)}"))
+        started = time.perf_counter()
+        fetch_model(source, files, token=token, cache_dir=cache_dir)
+        elapsed = time.perf_counter() - started
+        say(MergeEvent(f"downloaded {source.ref} in {elapsed:.1f} s"
+                       + (f" ({size_text(nbytes / elapsed)}/s)" if elapsed > 0.5 and nbytes else "")))
     for source in {id(m): m for m in (plan.reference, plan.tokenizer_from)}.values():
-        if source.local_dir is None:
+        if source.local_dir is None:  # config and tokenizer files of a model no tensor is read from
             fetch_model(source, set(), token=token, cache_dir=cache_dir)
 
 
 def run_merge(config: MergeConfig, output_dir: Path, *, options: MergeOptions = MergeOptions(),
-              token: Optional[str] = None, allow_pickle: bool = False, cache_dir: Optional[Path] = None,
-              progress: Optional[ProgressFn] = None,
-              on_plan: Optional[Callable[[MergePlan], None]] = None) -> list[str]:
-    """Plan, download what is needed, merge and write `output_dir`. Returns the files written."""
+              token: hub.Token = None, allow_pickle: bool = False, cache_dir: Optional[Path] = None,
+              limits: Optional[HostedLimits] = None, on_event: Optional[EventFn] = None) -> list[str]:
+    """Plan, check the disk, download what is needed, merge and write `output_dir`. Returns the files written.
+
+    Every user-caused failure is a `MergeError`, and nothing is left at `output_dir` after one."""
+    say = on_event or (lambda event: None)
     output_dir = Path(output_dir)
-    if output_dir.exists():
-        raise MergeError(f"OUTPUT_DIR: {output_dir} already exists; choose a new directory or remove it")
-    plan = plan_merge(config, token=token, allow_pickle=allow_pickle, cache_dir=cache_dir)
-    if on_plan:
-        on_plan(plan)
+    check_output_dir(output_dir)
+    say(MergeEvent("reading model configs and safetensors headers"))
+    plan = plan_merge(config, token=token, allow_pickle=allow_pickle, cache_dir=cache_dir, limits=limits)
+    for line in summarize(plan).lines():
+        say(MergeEvent(line))
     for warning in plan.warnings:
         log.warning(warning)
-    fetch_inputs(plan, token=token, cache_dir=cache_dir)
-    return execute_plan(plan, output_dir, options, progress)
-
-
-@dataclass(frozen=True)
-class HostedLimits:
-    """What a shared deployment (a Space) accepts from anonymous users."""
-
-    max_models: int = 6
-    max_input_bytes: int = 60 * 10**9
-    allowed_local_roots: tuple[Path, ...] = ()  # e.g. the app's own demo models
+    check_disk(plan, output_dir, cache_dir)
+    fetch_inputs(plan, token=token, cache_dir=cache_dir, on_event=say)
+    say(MergeEvent("merging tensor by tensor"))
+    return execute_plan(plan, output_dir, options,
+                        progress=lambda done, total, name: say(MergeEvent(name, done, total)))
 
 
 def enforce_limits(config: MergeConfig, limits: HostedLimits, plan: Optional[MergePlan] = None) -> None:
-    """Refuse local paths outside the allowed roots, too many models, or too many input bytes."""
+    """Refuse too many models or slices, and plans that read, write or hold the queue too long."""
     refs = config.referenced_models()
-    for ref in refs:
-        if ref.local and not any(Path(ref.path).resolve().is_relative_to(root.resolve())
-                                 for root in limits.allowed_local_roots):
-            raise MergeError(f"{ref.path}: local paths are not allowed here; use Hub repo ids")
     if len(refs) > limits.max_models:
         raise MergeError(f"models: {len(refs)} models exceed this Space's limit of {limits.max_models}; run "
                          f"mergeline locally for larger merges")
-    if plan is not None and plan.download_bytes > limits.max_input_bytes:
-        raise MergeError(f"models: the merge reads {_size(plan.download_bytes)}, over this Space's limit of "
-                         f"{_size(limits.max_input_bytes)}; run mergeline locally for larger merges")
+    if config.slices is not None and len(config.slices) > limits.max_slices:
+        raise MergeError(f"slices: {len(config.slices)} slices exceed this Space's limit of {limits.max_slices}; "
+                         f"run mergeline locally for larger merges")
+    if plan is None:
+        return
+    if plan.download_bytes > limits.max_input_bytes:
+        raise MergeError(f"models: the merge reads {size_text(plan.download_bytes)}, over this Space's limit of "
+                         f"{size_text(limits.max_input_bytes)}; run mergeline locally for larger merges")
+    if plan.output_bytes > limits.max_output_bytes:
+        raise MergeError(f"models: the merge writes {size_text(plan.output_bytes)}, over this Space's limit of "
+                         f"{size_text(limits.max_output_bytes)}; run mergeline locally for larger merges")
+    if len(plan.tensors) > limits.max_tensors:
+        raise MergeError(f"slices: the merge writes {len(plan.tensors):,} tensors, over this Space's limit of "
+                         f"{limits.max_tensors:,}; run mergeline locally for larger merges")
