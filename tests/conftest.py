@@ -75,24 +75,25 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def app_module(tmp_path_factory, hub):
-    import os
+def app_settings(tmp_path_factory):
+    os.environ["MERGELINE_CACHE"] = str(tmp_path_factory.mktemp("mergeline-cache"))
+    from app import Settings
 
-    os.environ["MERGELINE_WORKDIR"] = str(tmp_path_factory.mktemp("app-work"))
-    os.environ["MERGELINE_CACHE"] = str(tmp_path_factory.mktemp("lineage-cache"))
-    import importlib
-
-    import app
-
-    return importlib.reload(app)
+    return Settings(work_root=tmp_path_factory.mktemp("app-work"))
 
 
 @pytest.fixture(scope="module")
-def app_url(app_module):
-    demo = app_module.build_app()
+def mergeline_app(app_settings):
+    from app import MergelineApp
+
+    return MergelineApp(app_settings)
+
+
+@pytest.fixture(scope="module")
+def app_url(mergeline_app):
+    demo = mergeline_app.blocks()
     port = _free_port()
-    demo.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
-                        allowed_paths=[str(app_module.WORK_ROOT)])
+    demo.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
     yield f"http://127.0.0.1:{port}/"
     demo.close()
 

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from app import DEMO_EXAMPLE, MergelineApp, Settings
+
 
 def test_validate_reports_a_bad_config(client):
     report, preview = client.predict("merge_method: ties\nmodels:\n  - model: org/a\n    parameters: {densty: 1}\n",
@@ -15,8 +17,8 @@ def test_validate_reports_a_bad_config(client):
     assert preview == ""
 
 
-def test_demo_merge_then_upload(client, app_module, hub):
-    config = app_module.example_config(app_module.DEFAULT_EXAMPLE)
+def test_demo_merge_then_upload(client, mergeline_app, hub):
+    config = mergeline_app.example_config(DEMO_EXAMPLE)
     report, preview = client.predict(config, api_name="/validate")
     assert "The config is valid" in report and "tensors to write: 39" in report
     assert "(this merge)" in preview and "srcdoc=" in preview
@@ -35,11 +37,11 @@ def test_demo_merge_then_upload(client, app_module, hub):
     assert "base_model_relation: merge" in (landed.root / "README.md").read_text()
 
 
-def test_merge_error_is_one_line_and_leaves_no_job(client, app_module):
+def test_merge_error_is_one_line_and_leaves_no_job(client, app_settings):
     log, result, archive, name = client.predict("merge_method: slerp\nmodels:\n  - model: org/nope\n",
                                                 api_name="/merge")
     assert result.startswith("**Error:**") and "\n" not in result and archive is None
-    assert not [p for p in app_module.WORK_ROOT.glob("job-*") if any(p.iterdir())]
+    assert not [p for p in app_settings.work_root.rglob("job-*") if any(p.iterdir())]
 
 
 def test_lineage_on_the_offline_demo(client):
@@ -65,9 +67,9 @@ def test_lineage_on_the_hub(client, hub, tmp_path):
     assert "100% fam/base" in shares and "No cycles" in cycles
 
 
-def test_hosted_mode_refuses_local_paths(app_module, monkeypatch, tmp_path):
-    monkeypatch.setattr(app_module, "HOSTED", True)
-    report, _ = app_module.validate(f"merge_method: linear\nmodels:\n  - model: {tmp_path}\n    parameters: {{weight: 1}}\n")
+def test_hosted_mode_refuses_local_paths(tmp_path):
+    hosted = MergelineApp(Settings(hosted=True, work_root=tmp_path / "work"))
+    report, _ = hosted.validate(f"merge_method: linear\nmodels:\n  - model: {tmp_path}\n    parameters: {{weight: 1}}\n")
     assert "local paths are not allowed here" in report
-    demo_report, _ = app_module.validate(app_module.example_config(app_module.DEFAULT_EXAMPLE))
+    demo_report, _ = hosted.validate(hosted.example_config(DEMO_EXAMPLE))
     assert "The config is valid" in demo_report  # the app's own demo models stay allowed

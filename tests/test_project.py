@@ -33,5 +33,5 @@ def test_space_front_matter_matches_the_pinned_gradio():
     meta = yaml.safe_load(readme.split("---")[1])
     assert meta["sdk"] == "gradio" and meta["app_file"] == "app.py" and meta["hf_oauth"] is True
     assert "write-repos" in meta["hf_oauth_scopes"]
-    pinned = re.search(r"^gradio==(\S+)$", (ROOT / "requirements.txt").read_text(), re.M).group(1)
+    pinned = re.search(r"^gradio(?:\[[\w,]+\])?==(\S+)", (ROOT / "requirements.txt").read_text(), re.M).group(1)
     assert str(meta["sdk_version"]) == pinned
