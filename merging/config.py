@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
-import torch
 import yaml
 
 from . import untrusted_yaml
@@ -27,11 +26,12 @@ Scalar = Union[bool, int, float, str]
 # A parameter setting as written: a scalar, a gradient (list of scalars), or filtered entries.
 Setting = Union[Scalar, tuple[Scalar, ...], tuple["Conditional", ...]]
 
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float64": torch.float64, "fp64": torch.float64,
+# dtype names a config may use -> the torch dtype's name (torch itself loads only to merge)
+DTYPES: dict[str, str] = {
+    "float32": "float32", "fp32": "float32", "float": "float32",
+    "float16": "float16", "fp16": "float16", "half": "float16",
+    "bfloat16": "bfloat16", "bf16": "bfloat16",
+    "float64": "float64", "fp64": "float64",
 }
 BUILTIN_CHAT_TEMPLATES = ("chatml", "llama3", "alpaca", "mistral")
 
@@ -92,8 +92,8 @@ class MergeConfig:
     models: Optional[tuple[ModelEntry, ...]]
     slices: Optional[tuple[OutputSlice, ...]]
     parameters: dict[str, Setting]
-    dtype: Optional[torch.dtype]
-    out_dtype: Optional[torch.dtype]
+    dtype: Optional[str]  # a torch dtype's name (`DTYPES`)
+    out_dtype: Optional[str]
     tokenizer_source: Optional[Union[str, ModelRef]]  # "base", a model, or None
     chat_template: Optional[str]
     text: str  # the YAML as the user wrote it, embedded in the model card
@@ -249,7 +249,7 @@ def _parse_parameters(raw: Any, method: MergeMethod, where: str, *, for_base: bo
     return result
 
 
-def _parse_dtype(raw: Any, where: str) -> Optional[torch.dtype]:
+def _parse_dtype(raw: Any, where: str) -> Optional[str]:
     if raw is None:
         return None
     dtype = DTYPES.get(str(raw).lower())

@@ -15,33 +15,30 @@ included, has been written.
 
 from __future__ import annotations
 
-import ctypes
 import errno
-import hashlib
-import json
 import logging
 import os
-import platform
 import re
 import shutil
 import tempfile
 import threading
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Optional, TypeVar
+from typing import Callable, Optional
 
 import torch
 
-from . import card as card_stage
-from .chat_templates import resolve_chat_template
 from .cleanup import remove_orphans
 from .errors import MergeError
-from .methods import FusedKernel
-from .plan import MergePlan, PlannedTensor
+from .methods import native
+from .methods.chunks import FusedKernel
+from .methods.selection import stream_seed
+from .plan import MergePlan, PlannedTensor, torch_dtype
 from .safetensors_io import ShardedWriter, TensorHeader
-from .sources import TOKENIZER_FILES
+from .side_files import write_side_files
+from .workers import HeapReuse, Workers, default_workers
 
 log = logging.getLogger("mergeline")
 
@@ -59,45 +56,23 @@ KEEP_INPUT_BYTES = 1 << 29
 CUDA_KEEP_INPUT_BYTES = 1 << 32
 
 
+# Inputs held between passes come in slabs of whole chunks (a chunk is then a view of one slab).
+# On CPU a slab maps the file's pages (safetensors_io), so its size only sets how many maps a held
+# tensor takes; a GPU receives its inputs in slabs that the workers copy side by side.
+SLAB_BYTES = 1 << 24
+
+
 @dataclass(frozen=True)
 class MergeOptions:
+    """How a merge runs; none of these change its result."""
+
     device: str = "cpu"
     seed: int = 0
     out_shard_bytes: int = 5 * 10**9
     workers: Optional[int] = None  # chunk worker threads; None: one per usable CPU (at most 8); 0: none
-
-
-class _HeapReuse:
-    """Keep freed buffers in glibc's heap while merging, and hand them back when a merge ends.
-
-    Every chunk allocates and frees megabytes of temporaries on several threads. By default
-    glibc serves blocks that size with fresh mmaps, or trims them off the heap top once freed,
-    so every temporary page-faults anew: measured at a third of a linear merge's time. A fixed
-    32 MiB mmap threshold (the largest glibc takes) and a 1 GiB trim threshold keep them for
-    reuse. glibc cannot report its previous settings, so these stay for the process (the app's
-    server included); `malloc_trim` returns the free memory after every merge. Elsewhere (not
-    Linux with glibc) this does nothing.
-    """
-
-    _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-
-    def __init__(self) -> None:
-        self.libc = None
-        if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
-            try:
-                self.libc = ctypes.CDLL("libc.so.6")
-            except OSError:
-                pass
-
-    def __enter__(self) -> "_HeapReuse":
-        if self.libc is not None:
-            self.libc.mallopt(self._M_MMAP_THRESHOLD, 32 << 20)
-            self.libc.mallopt(self._M_TRIM_THRESHOLD, 1 << 30)
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        if self.libc is not None:
-            self.libc.malloc_trim(0)
+    chunk_elements: Optional[int] = None  # None: CHUNK_ELEMENTS, or CUDA_CHUNK_ELEMENTS on a GPU
+    slab_bytes: int = SLAB_BYTES
+    native: bool = True  # the fused C loops where they apply (`methods.native`); False: torch ops only
 
 
 def resolve_device(name: str) -> torch.device:
@@ -108,12 +83,6 @@ def resolve_device(name: str) -> torch.device:
     if name not in ("cpu", "cuda"):
         raise MergeError(f"--device: unknown device {name!r}; use cpu, cuda or auto")
     return torch.device(name)
-
-
-def tensor_seed(seed: int, key: str) -> int:
-    """A per-tensor seed: results do not depend on tensor order, chunking or threads."""
-    digest = hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
 def _align_rows(tensors: list[torch.Tensor], rows: int) -> list[torch.Tensor]:
@@ -133,57 +102,6 @@ def _align_rows(tensors: list[torch.Tensor], rows: int) -> list[torch.Tensor]:
     return result
 
 
-T = TypeVar("T")
-R = TypeVar("R")
-
-
-def default_workers() -> int:
-    return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
-
-
-class _Workers:
-    """A pool of threads that run whole chunk jobs, each with a single torch thread.
-
-    On CPU, chunks side by side beat splitting every small op of one chunk across threads: no
-    synchronisation per op, and each chunk stays in its core's cache. With no threads (0), jobs
-    run in the calling thread, which keeps torch's own threads.
-    """
-
-    def __init__(self, count: int):
-        self.count = count
-        self.pool = ThreadPoolExecutor(count, thread_name_prefix="mergeline", initializer=torch.set_num_threads,
-                                       initargs=(1,)) if count else None
-
-    def submit(self, fn: Callable[[], R]) -> Future:
-        if self.pool is not None:
-            return self.pool.submit(fn)
-        future: Future = Future()
-        future.set_result(fn())
-        return future
-
-    def map(self, fn: Callable[[T], R], items: Iterable[T]) -> Iterator[R]:
-        """fn over items, results in order; at most two jobs per thread in flight."""
-        if self.pool is None:
-            yield from map(fn, items)
-            return
-        items = iter(items)
-        pending: deque[Future] = deque()
-        try:
-            for item in items:
-                pending.append(self.pool.submit(fn, item))
-                if len(pending) >= 2 * self.count:
-                    yield pending.popleft().result()
-            while pending:
-                yield pending.popleft().result()
-        finally:
-            for future in pending:
-                future.cancel()
-
-    def close(self) -> None:
-        if self.pool is not None:
-            self.pool.shutdown(wait=True, cancel_futures=True)
-
-
 class _Merger:
     """Reads, converts and merges one planned tensor at a time, in row chunks where the method allows."""
 
@@ -192,7 +110,7 @@ class _Merger:
         self.options = options
         self.device = resolve_device(options.device)
         count = default_workers() if options.workers is None else options.workers
-        self.workers = _Workers(count if plan.method.chunkable else 0)
+        self.workers = Workers(count if plan.method.chunkable else 0)
         self.readers = {}
         self._readers_lock = threading.Lock()
 
@@ -220,7 +138,8 @@ class _Merger:
         if ranges[0] is None:
             return _HeldInputs([[t] for t in self.read_inputs(tensor)], None)
         # In slabs of whole chunks (a chunk is then a view of one slab).
-        step = _slab_rows(max(h.nbytes // h.shape[0] for h in headers), multiple=ranges[0][1] - ranges[0][0])
+        step = _slab_rows(max(h.nbytes // h.shape[0] for h in headers), self.options.slab_bytes,
+                          multiple=ranges[0][1] - ranges[0][0])
         return _HeldInputs([[self.reader(model).read(name, rows) for rows in _row_ranges(h.shape[0], step)]
                             for (model, name), h in zip(tensor.inputs, headers)], step)
 
@@ -238,20 +157,22 @@ class _Merger:
             if not h.shape or not h.shape[0]:
                 held[k].copy_(self.reader(tensor.inputs[k][0]).read(tensor.inputs[k][1]))
             else:
-                pieces += [(k, rows) for rows in _row_ranges(h.shape[0], _slab_rows(h.nbytes // h.shape[0]))]
+                step = _slab_rows(h.nbytes // h.shape[0], self.options.slab_bytes)
+                pieces += [(k, rows) for rows in _row_ranges(h.shape[0], step)]
         for _ in self.workers.map(copy, pieces):
             pass
         return held
 
     def row_ranges(self, tensor: PlannedTensor) -> list[Optional[tuple[int, int]]]:
-        return chunk_ranges(self.plan, tensor, CUDA_CHUNK_ELEMENTS if self.device.type == "cuda" else CHUNK_ELEMENTS)
+        default = CUDA_CHUNK_ELEMENTS if self.device.type == "cuda" else CHUNK_ELEMENTS
+        return chunk_ranges(self.plan, tensor, self.options.chunk_elements or default)
 
     def loaded(self, tensor: PlannedTensor, inputs: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.dtype]:
         """`tensor`'s inputs as mergekit loads them (cast to the config's dtype) on the compute
         device, and the dtype to compute in: float32, or float64 when anything asks for it."""
         if tensor.rows is not None:
             inputs = _align_rows(inputs, tensor.rows)
-        config_dtype = self.plan.config.dtype
+        config_dtype = torch_dtype(self.plan.config.dtype)
         wide = config_dtype == torch.float64 or tensor.out.dtype == torch.float64 or any(
             t.dtype == torch.float64 for t in inputs)
         return [(t.to(config_dtype) if config_dtype else t).to(self.device) for t in inputs], \
@@ -273,7 +194,7 @@ class _Merger:
         method = self.plan.method
         params = dict(tensor.params)
         if method.randomized:
-            params["seed"] = tensor_seed(self.options.seed, tensor.seed_key)
+            params["seed"] = stream_seed(self.options.seed, tensor.name)
         if method.prepare is None:
             merge = lambda base, others, offset: method.fn(base, others, **params)  # noqa: E731
             if method.narrow is not None:
@@ -358,15 +279,9 @@ class _HeldInputs:
         return [s[index][start - origin:end - origin] for s in self.slabs]
 
 
-# Inputs held between passes come in slabs of whole chunks (a chunk is then a view of one slab).
-# On CPU a slab maps the file's pages (safetensors_io), so its size only sets how many maps a held
-# tensor takes; a GPU receives its inputs in slabs that the workers copy side by side.
-SLAB_BYTES = 1 << 24
-
-
-def _slab_rows(row_bytes: int, multiple: int = 1) -> int:
-    """Rows per slab: a multiple of `multiple` rows, at most SLAB_BYTES of them where one multiple fits."""
-    return multiple * max(1, SLAB_BYTES // max(1, multiple * row_bytes))
+def _slab_rows(row_bytes: int, slab_bytes: int, multiple: int = 1) -> int:
+    """Rows per slab: a multiple of `multiple` rows, at most `slab_bytes` of them where one multiple fits."""
+    return multiple * max(1, slab_bytes // max(1, multiple * row_bytes))
 
 
 def _row_ranges(rows: int, step: int) -> list[tuple[int, int]]:
@@ -462,7 +377,7 @@ def execute_plan(plan: MergePlan, output_dir: Path, options: MergeOptions = Merg
     staging = _staging_dir(output_dir)
     merger = _Merger(plan, options)
     try:
-        with _HeapReuse():
+        with HeapReuse(), native.enabled(options.native):
             files = _write_weights(plan, merger, staging, progress)
         files += write_side_files(plan, staging, title=output_dir.name)
         staging.rename(output_dir)
@@ -521,47 +436,3 @@ def _check_finite(tensor: PlannedTensor, merged: torch.Tensor) -> None:
         return
     raise MergeError(f"{tensor.name}: the merge produced NaN or infinite values; check the parameters "
                      f"(weights summing to zero, extreme lambda or t) of this method")
-
-
-def write_side_files(plan: MergePlan, directory: Path, title: Optional[str] = None) -> list[str]:
-    """config.json, generation_config.json, tokenizer files, chat template, card and config copy."""
-    written = []
-    out_config = dict(plan.out_config)
-    dtypes = {t.out.dtype for t in plan.tensors if t.out.dtype.is_floating_point}
-    dtype_name = str(max(dtypes, key=lambda d: d.itemsize)).removeprefix("torch.") if dtypes else None
-    if dtype_name:
-        out_config["dtype" if "torch_dtype" not in out_config else "torch_dtype"] = dtype_name
-        if "torch_dtype" in out_config:
-            out_config["dtype"] = dtype_name
-    (directory / "config.json").write_text(json.dumps(out_config, indent=2, sort_keys=False) + "\n")
-    written.append("config.json")
-
-    reference_dir = plan.reference.local_dir
-    generation = reference_dir / "generation_config.json" if reference_dir else None
-    if generation and generation.is_file():
-        shutil.copyfile(generation, directory / "generation_config.json")
-        written.append("generation_config.json")
-
-    tokenizer_dir = plan.tokenizer_from.local_dir
-    for name in TOKENIZER_FILES:
-        if tokenizer_dir and (tokenizer_dir / name).is_file():
-            shutil.copyfile(tokenizer_dir / name, directory / name)
-            written.append(name)
-
-    if plan.config.chat_template:
-        template = resolve_chat_template(plan.config.chat_template, [m.local_dir for m in plan.models])
-        if template is not None:
-            (directory / "chat_template.jinja").write_text(template)
-            if "chat_template.jinja" not in written:
-                written.append("chat_template.jinja")
-            tokenizer_config = directory / "tokenizer_config.json"
-            if tokenizer_config.is_file():  # one place for the template, so transformers never has to choose
-                data = json.loads(tokenizer_config.read_text())
-                if data.pop("chat_template", None) is not None:
-                    tokenizer_config.write_text(json.dumps(data, indent=2) + "\n")
-
-    (directory / "mergekit_config.yml").write_text(plan.config.text.rstrip() + "\n")
-    written.append("mergekit_config.yml")
-    (directory / "README.md").write_text(card_stage.render_card(plan, title))
-    written.append("README.md")
-    return written

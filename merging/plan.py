@@ -63,7 +63,6 @@ class PlannedTensor:
     inputs: tuple[tuple[int, str], ...]  # (index into plan.models, input tensor name)
     base: Optional[int]  # position in `inputs` of the base model's tensor
     params: dict[str, Any]  # resolved: shared values, per-model lists aligned with the non-base inputs
-    seed_key: str  # what randomized methods derive their generator from
     rows: Optional[int] = None  # vocabulary rows the inputs are aligned to, when they differ
     floating: bool = True  # False: an integer buffer, copied from the first input instead of merged
 
@@ -112,11 +111,16 @@ class MergePlan:
         return sum(self.models[m].tensors[n].nbytes for m, n in tensor.inputs)
 
 
+def torch_dtype(name: Optional[str]) -> Optional[torch.dtype]:
+    """The torch dtype a config names (`config.DTYPES` values), or None."""
+    return getattr(torch, name) if name else None
+
+
 def _compute_dtype(config: MergeConfig, dtypes: Sequence[torch.dtype]) -> torch.dtype:
     promoted = dtypes[0]
     for dtype in dtypes[1:]:
         promoted = torch.promote_types(promoted, dtype)
-    return config.dtype or promoted
+    return torch_dtype(config.dtype) or promoted
 
 
 @dataclass(frozen=True)
@@ -217,14 +221,13 @@ def build_plan(config: MergeConfig, sources: dict[ModelRef, ModelSource]) -> Mer
                                  sources, layouts, warnings)
         shape = headers[0].shape if rows is None else (rows, *headers[0].shape[1:])
         floating = all(h.dtype.is_floating_point for h in headers)
-        out_dtype = (config.out_dtype or _compute_dtype(config, [h.dtype for h in headers])) if floating \
+        out_dtype = (torch_dtype(config.out_dtype) or _compute_dtype(config, [h.dtype for h in headers])) if floating \
             else headers[0].dtype
         if out_name in seen_names:
             raise MergeError(f"{slice_.where}: output tensor {out_name} is produced twice")
         seen_names.add(out_name)
         tensors.append(PlannedTensor(out_name, OutputTensor(out_name, out_dtype, shape),
-                                     tuple((m, n) for m, n, _ in inputs), base_pos, params, out_name, rows,
-                                     floating))
+                                     tuple((m, n) for m, n, _ in inputs), base_pos, params, rows, floating))
 
     first, last = slices[0], slices[-1]
     ref_layout = layouts[first.sources[0][0]]

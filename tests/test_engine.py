@@ -10,7 +10,6 @@ import torch
 import yaml
 
 from merging import MergeError, MergeOptions, parse_config, run_merge
-from merging import execute as execute_module
 from tiny_models import load_state
 
 
@@ -61,7 +60,7 @@ def test_lazymergekit_slerp_gradients_and_filters(llama, tmp_path):
     torch.testing.assert_close(merged["model.layers.3.mlp.down_proj.weight"],
                                a["model.layers.3.mlp.down_proj.weight"].bfloat16())
     # layer 1 of 4 sits at t=1/3 of the curve [0, .5, .3, .7, 1] -> 0.5 + (1/3*4-1)*(0.3-0.5)
-    from merging.methods import slerp_pair
+    from merging.methods.spherical import slerp_pair
     name = "model.layers.1.self_attn.o_proj.weight"
     want = slerp_pair(0.5 - (4 / 3 - 1) * 0.2, a[name].bfloat16().float(), b[name].bfloat16().float())
     torch.testing.assert_close(merged[name].float(), want, rtol=1e-2, atol=1e-2)
@@ -190,22 +189,21 @@ def test_vocabulary_mismatch_truncates_or_follows_tokenizer_source(llama, tmp_pa
     torch.testing.assert_close(embed[96:], bigger_state["model.embed_tokens.weight"][96:])
 
 
-def test_failure_midway_leaves_nothing(llama, tmp_path, monkeypatch):
-    base, ft = llama.base(), llama.finetune(1)
-    text = f"merge_method: linear\nmodels:\n  - {{model: {base}, parameters: {{weight: 1}}}}\n  - {{model: {ft}, parameters: {{weight: 1}}}}\n"
-    calls = {"n": 0}
-    original = execute_module._Merger.kernel
+def test_failure_midway_leaves_nothing(llama, tmp_path):
+    from safetensors.torch import save_file
 
-    def failing(self, tensor, ranges):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise MergeError("boom")
-        return original(self, tensor, ranges)
-
-    monkeypatch.setattr(execute_module._Merger, "kernel", failing)
-    with pytest.raises(MergeError, match="boom"):
-        run_merge(parse_config(text), tmp_path / "out")
-    assert list(tmp_path.iterdir()) == []
+    state = load_state(llama.finetune(1))
+    state["model.layers.2.mlp.up_proj.weight"][0, 0] = float("inf")  # the merge fails at this tensor
+    broken = tmp_path / "inputs" / "broken"
+    shutil.copytree(llama.finetune(1), broken)
+    save_file(state, str(broken / "model.safetensors"), metadata={"format": "pt"})
+    text = (f"merge_method: linear\nmodels:\n  - {{model: {llama.base()}, parameters: {{weight: 1}}}}\n"
+            f"  - {{model: {broken}, parameters: {{weight: 1}}}}\n")
+    progress = []
+    with pytest.raises(MergeError, match="model.layers.2.mlp.up_proj.weight: the merge produced NaN or infinite"):
+        run_merge(parse_config(text), tmp_path / "out", on_event=progress.append)
+    assert any(event.is_progress for event in progress)  # it failed midway, after tensors were written
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["inputs"]
 
 
 def test_pickled_weights_need_allow_pickle(llama, tmp_path):
@@ -235,8 +233,7 @@ def test_streaming_in_row_chunks_gives_identical_results(method, params, llama, 
     text = (f"merge_method: {method}\nbase_model: {base}\nmodels:\n  - {{model: {base}, parameters: {{weight: 0.2}}}}\n"
             f"  - {{model: {ft1}, parameters: {{{params}}}}}\n  - {{model: {ft2}, parameters: {{{params}}}}}\n")
     run_merge(parse_config(text), tmp_path / "whole", options=MergeOptions(seed=3))
-    monkeypatch.setattr(execute_module, "CHUNK_ELEMENTS", 100)
-    run_merge(parse_config(text), tmp_path / "chunked", options=MergeOptions(seed=3))
+    run_merge(parse_config(text), tmp_path / "chunked", options=MergeOptions(seed=3, chunk_elements=100))
     whole, chunked = load_state(tmp_path / "whole"), load_state(tmp_path / "chunked")
     assert all(torch.equal(whole[k], chunked[k]) for k in whole)
 
@@ -248,9 +245,8 @@ def test_results_do_not_depend_on_the_worker_threads(method, params, llama, tmp_
     base, ft1, ft2 = llama.base(), llama.finetune(1), llama.finetune(2)
     text = (f"merge_method: {method}\nbase_model: {base}\nmodels:\n  - {{model: {base}, parameters: {{weight: 0.2}}}}\n"
             f"  - {{model: {ft1}, parameters: {{{params}}}}}\n  - {{model: {ft2}, parameters: {{{params}}}}}\n")
-    monkeypatch.setattr(execute_module, "CHUNK_ELEMENTS", 100)
-    run_merge(parse_config(text), tmp_path / "inline", options=MergeOptions(seed=3, workers=0))
-    run_merge(parse_config(text), tmp_path / "threads", options=MergeOptions(seed=3, workers=3))
+    run_merge(parse_config(text), tmp_path / "inline", options=MergeOptions(seed=3, workers=0, chunk_elements=100))
+    run_merge(parse_config(text), tmp_path / "threads", options=MergeOptions(seed=3, workers=3, chunk_elements=100))
     inline, threads = load_state(tmp_path / "inline"), load_state(tmp_path / "threads")
     assert all(torch.equal(inline[k], threads[k]) for k in inline)
 
@@ -285,10 +281,8 @@ def test_a_gpu_draws_what_the_cpu_draws(method, params, llama, tmp_path, monkeyp
     text = (f"merge_method: {method}\nbase_model: {base}\nmodels:\n  - {{model: {base}}}\n"
             f"  - {{model: {ft1}, parameters: {{{params}}}}}\n  - {{model: {ft2}, parameters: {{{params}}}}}\n"
             f"dtype: float32\n")
-    monkeypatch.setattr(execute_module, "CHUNK_ELEMENTS", 100)
-    monkeypatch.setattr(execute_module, "CUDA_CHUNK_ELEMENTS", 100)
-    run_merge(parse_config(text), tmp_path / "cpu", options=MergeOptions(seed=3))
-    run_merge(parse_config(text), tmp_path / "cuda", options=MergeOptions(seed=3, device="cuda"))
+    run_merge(parse_config(text), tmp_path / "cpu", options=MergeOptions(seed=3, chunk_elements=100))
+    run_merge(parse_config(text), tmp_path / "cuda", options=MergeOptions(seed=3, device="cuda", chunk_elements=100))
     cpu, cuda = load_state(tmp_path / "cpu"), load_state(tmp_path / "cuda")
     for name in cpu:  # the same kept entries; float32 arithmetic may round differently on the GPU
         torch.testing.assert_close(cuda[name], cpu[name], rtol=1e-5, atol=1e-6, msg=name)
@@ -305,10 +299,10 @@ def test_inputs_held_in_many_slabs_give_identical_results(method, params, llama,
     else:
         text = (f"merge_method: {method}\nbase_model: {base}\nmodels:\n  - {{model: {base}}}\n"
                 f"  - {{model: {ft1}, parameters: {{{params}}}}}\n")
-    monkeypatch.setattr(execute_module, "CHUNK_ELEMENTS", 100)
-    run_merge(parse_config(text), tmp_path / "one-slab", options=MergeOptions(seed=3, workers=2))
-    monkeypatch.setattr(execute_module, "SLAB_BYTES", 300)  # a few chunks per slab; samples cross slabs
-    run_merge(parse_config(text), tmp_path / "slabs", options=MergeOptions(seed=3, workers=2))
+    run_merge(parse_config(text), tmp_path / "one-slab", options=MergeOptions(seed=3, workers=2, chunk_elements=100))
+    # a few chunks per slab; samples cross slabs
+    run_merge(parse_config(text), tmp_path / "slabs", options=MergeOptions(seed=3, workers=2, chunk_elements=100,
+                                                                           slab_bytes=300))
     one, slabs = load_state(tmp_path / "one-slab"), load_state(tmp_path / "slabs")
     assert all(torch.equal(one[k], slabs[k]) for k in one)
 
@@ -317,9 +311,8 @@ def test_a_failing_chunk_leaves_no_output(llama, tmp_path, monkeypatch):
     base, ft1 = llama.base(), llama.finetune(1)
     text = (f"merge_method: linear\nmodels:\n  - {{model: {base}, parameters: {{weight: 1.0}}}}\n"
             f"  - {{model: {ft1}, parameters: {{weight: -1.0}}}}\n")  # normalizing divides by zero
-    monkeypatch.setattr(execute_module, "CHUNK_ELEMENTS", 100)
     with pytest.raises(MergeError, match="NaN or infinite"):
-        run_merge(parse_config(text), tmp_path / "out", options=MergeOptions(workers=2))
+        run_merge(parse_config(text), tmp_path / "out", options=MergeOptions(workers=2, chunk_elements=100))
     assert list(tmp_path.iterdir()) == []
 
 

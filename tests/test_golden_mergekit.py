@@ -15,7 +15,6 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from golden.make_golden import CONFIG, MODELS
-from merging import execute as execute_module
 from merging import MergeOptions, parse_config, run_merge
 from tiny_models import load_state
 
@@ -39,12 +38,10 @@ def golden_models(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("chunk_elements", [None, 40], ids=["whole", "chunked"])
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_matches_mergekit(case, chunk_elements, device, golden_models, tmp_path, monkeypatch):
-    if chunk_elements:  # stream tensors in chunks of a few rows: every chunk boundary must be seamless
-        monkeypatch.setattr(execute_module, "CHUNK_ELEMENTS", chunk_elements)
-        monkeypatch.setattr(execute_module, "CUDA_CHUNK_ELEMENTS", chunk_elements)
+def test_matches_mergekit(case, chunk_elements, device, golden_models, tmp_path):
+    # chunked: tensors stream in chunks of a few rows; every chunk boundary must be seamless
     text = yaml.safe_dump(CASES[case]).replace("MODELS/", f"{golden_models}/")
-    run_merge(parse_config(text), tmp_path / "out", options=MergeOptions(device=device))
+    run_merge(parse_config(text), tmp_path / "out", options=MergeOptions(device=device, chunk_elements=chunk_elements))
     ours = load_state(tmp_path / "out")
     expected = load_file(str(GOLDEN / f"{case}.safetensors"))
     assert set(ours) == set(expected)

@@ -42,7 +42,7 @@ def test_merge_from_hub_repos(hub, hub_family, tmp_path):
     run_merge(parse_config(SLERP), tmp_path / "out", cache_dir=tmp_path / "cache")
     merged = load_state(tmp_path / "out")
     base, ft = load_state(hub_family["org/base"]), load_state(hub_family["org/ft1"])
-    from merging.methods import slerp_pair
+    from merging.methods.spherical import slerp_pair
     name = "model.layers.2.mlp.gate_proj.weight"
     torch.testing.assert_close(merged[name], slerp_pair(0.3, base[name], ft[name]))
     card = (tmp_path / "out" / "README.md").read_text()

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from merging.methods import REGISTRY, top_k_mask
-from merging.selection import TopK, bernoulli, uniform
+from merging.methods import REGISTRY
+from merging.methods.pruning import top_k_mask
+from merging.methods.selection import TopK, bernoulli, uniform
 
 
 def _inputs(n: int = 3, shape=(64, 48), seed: int = 0):
@@ -128,7 +129,7 @@ def test_block_randomness_does_not_depend_on_chunking():
 
 def _dare_reference(base, models, weights, density, seed, consensus, normalize):
     """DARE by the paper: keep each delta entry with probability `density`, rescale to the L1 norm."""
-    from merging.selection import stream_seed
+    from merging.methods.selection import stream_seed
 
     deltas = []
     for i, (model, w) in enumerate(zip(models, weights)):

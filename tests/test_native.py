@@ -2,30 +2,35 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from merging import MergeOptions, native, parse_config, run_merge
-from merging import execute as execute_module
-from merging.methods import REGISTRY, WholeTensor, linear, linear_narrow, prepare_slerp, row_sums
-from merging.selection import TopK, bernoulli, bernoulli_draws
+from merging import MergeOptions, parse_config, run_merge
+from merging.methods import REGISTRY, native
+from merging.methods.chunks import WholeTensor, row_sums
+from merging.methods.linear import linear, linear_narrow
+from merging.methods.selection import TopK, bernoulli, bernoulli_draws
+from merging.methods.spherical import prepare_slerp
 from tiny_models import load_state
 
+ROOT = Path(__file__).resolve().parent.parent
 needs_native = pytest.mark.skipif(not native.available(), reason="no C compiler to build the fused loops")
 
 
 @pytest.fixture
-def torch_only(monkeypatch):
-    """Run the block without the fused loops, as on a machine without a C compiler."""
-
-    def disable():
-        monkeypatch.setattr(native, "_library", None)
-        monkeypatch.setattr(native, "_loaded", True)
-
-    return disable
+def torch_only():
+    """Call to run the rest of the test without the fused loops, as `MergeOptions(native=False)` merges."""
+    with contextlib.ExitStack() as stack:
+        yield lambda: stack.enter_context(native.enabled(False))
 
 
 def _inputs(count: int, shape=(37, 29), seed: int = 0):
@@ -101,15 +106,14 @@ def test_fused_bernoulli_draws_the_torch_mask(start, end, torch_only):
 
 @needs_native
 @pytest.mark.parametrize("method", ["ties", "dare_ties"])
-def test_streamed_merges_match_with_and_without_the_fused_loops(method, llama, tmp_path, monkeypatch, torch_only):
+def test_streamed_merges_match_with_and_without_the_fused_loops(method, llama, tmp_path):
     base, ft1, ft2 = llama.base(), llama.finetune(1), llama.finetune(2)
     text = (f"merge_method: {method}\nbase_model: {base}\nmodels:\n  - {{model: {base}}}\n"
             f"  - {{model: {ft1}, parameters: {{weight: 0.6, density: 0.3}}}}\n"
             f"  - {{model: {ft2}, parameters: {{weight: 0.4, density: 0.5}}}}\n")
-    monkeypatch.setattr(execute_module, "CHUNK_ELEMENTS", 100)  # ties at thresholds land across chunks
-    run_merge(parse_config(text), tmp_path / "fused", options=MergeOptions(seed=3, workers=2))
-    torch_only()
-    run_merge(parse_config(text), tmp_path / "torch", options=MergeOptions(seed=3, workers=2))
+    options = MergeOptions(seed=3, workers=2, chunk_elements=100)  # ties at thresholds land across chunks
+    run_merge(parse_config(text), tmp_path / "fused", options=options)
+    run_merge(parse_config(text), tmp_path / "torch", options=dataclasses.replace(options, native=False))
     fused, plain = load_state(tmp_path / "fused"), load_state(tmp_path / "torch")
     assert all(torch.equal(fused[k], plain[k]) for k in fused)
 
@@ -241,7 +245,7 @@ def test_masks_packed_by_the_l1_pass_are_the_masks_drawn_again():
 
 @needs_native
 @pytest.mark.parametrize("method", ["linear", "slerp", "ties", "dare_ties"])
-def test_bfloat16_merges_match_with_and_without_the_fused_loops(method, llama, tmp_path, monkeypatch, torch_only):
+def test_bfloat16_merges_match_with_and_without_the_fused_loops(method, llama, tmp_path):
     ft1, ft2 = llama.finetune(1, dtype=torch.bfloat16), llama.finetune(2, dtype=torch.bfloat16)
     if method == "linear":
         text = (f"merge_method: linear\nmodels:\n  - {{model: {ft1}, parameters: {{weight: 0.6}}}}\n"
@@ -254,29 +258,27 @@ def test_bfloat16_merges_match_with_and_without_the_fused_loops(method, llama, t
         text = (f"merge_method: {method}\nbase_model: {base}\nmodels:\n  - {{model: {base}}}\n"
                 f"  - {{model: {ft1}, parameters: {{weight: 0.6, density: 0.3}}}}\n"
                 f"  - {{model: {ft2}, parameters: {{weight: 0.4, density: 0.5}}}}\ndtype: bfloat16\n")
-    monkeypatch.setattr(execute_module, "CHUNK_ELEMENTS", 100)
-    run_merge(parse_config(text), tmp_path / "fused", options=MergeOptions(workers=2))
-    torch_only()
-    run_merge(parse_config(text), tmp_path / "torch", options=MergeOptions(workers=2))
+    options = MergeOptions(workers=2, chunk_elements=100)
+    run_merge(parse_config(text), tmp_path / "fused", options=options)
+    run_merge(parse_config(text), tmp_path / "torch", options=dataclasses.replace(options, native=False))
     fused, plain = load_state(tmp_path / "fused"), load_state(tmp_path / "torch")
     assert all(fused[k].dtype == torch.bfloat16 and torch.equal(fused[k], plain[k]) for k in fused)
 
 
-def test_without_a_compiler_merges_run_in_torch(monkeypatch, tmp_path, llama):
-    monkeypatch.setattr(native, "_library", None)
-    monkeypatch.setattr(native, "_loaded", False)
-    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
-    monkeypatch.setenv("MERGELINE_CACHE", str(tmp_path / "cache"))
-    assert not native.available()
+def test_without_a_compiler_merges_run_in_torch(tmp_path, llama):
     base, ft1 = llama.base(), llama.finetune(1)
-    text = (f"merge_method: ties\nbase_model: {base}\nmodels:\n"
-            f"  - {{model: {ft1}, parameters: {{weight: 1.0, density: 0.5}}}}\n")
-    run_merge(parse_config(text), tmp_path / "out", options=MergeOptions())
-    assert load_state(tmp_path / "out")
+    config = tmp_path / "ties.yml"
+    config.write_text(f"merge_method: ties\nbase_model: {base}\nmodels:\n"
+                      f"  - {{model: {ft1}, parameters: {{weight: 1.0, density: 0.5}}}}\n")
+    env = {**os.environ, "CC": str(tmp_path / "no-such-compiler"), "MERGELINE_CACHE": str(tmp_path / "cache")}
+    done = subprocess.run([sys.executable, "-m", "merging", str(config), str(tmp_path / "out"), "--quiet"], env=env,
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert load_state(tmp_path / "out") and not list((tmp_path / "cache").glob("*.so"))
 
 
-def test_the_switch_turns_the_fused_loops_off(monkeypatch):
-    monkeypatch.setattr(native, "_library", None)
-    monkeypatch.setattr(native, "_loaded", False)
-    monkeypatch.setenv("MERGELINE_NATIVE", "0")
-    assert not native.available() and not native.fits(torch.zeros(3))
+def test_the_switch_turns_the_fused_loops_off():
+    check = "from merging.methods import native; import torch; print(native.available(), native.fits(torch.zeros(3)))"
+    done = subprocess.run([sys.executable, "-c", check], env={**os.environ, "MERGELINE_NATIVE": "0"}, cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.stdout.split() == ["False", "False"], done.stderr

@@ -20,6 +20,7 @@ torch: the loops are an accelerator, never a requirement.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import logging
@@ -31,7 +32,7 @@ import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Iterator, Optional, Sequence, Union
 
 import torch
 
@@ -125,9 +126,29 @@ def _load() -> Optional[ctypes.CDLL]:
         return _library
 
 
+_switched_off = 0  # merges running now with MergeOptions(native=False)
+
+
+@contextlib.contextmanager
+def enabled(on: bool) -> Iterator[None]:
+    """Within the block, the loops run only if `on` (and they can). Process-wide: a merge's worker
+    threads must see it too; merges run one at a time in the app and the CLI."""
+    global _switched_off
+    if on:
+        yield
+        return
+    with _lock:
+        _switched_off += 1
+    try:
+        yield
+    finally:
+        with _lock:
+            _switched_off -= 1
+
+
 def available() -> bool:
-    """Whether the fused loops are built and loaded (building them on the first call)."""
-    return _load() is not None
+    """Whether the fused loops are built, loaded (building them on the first call) and switched on."""
+    return not _switched_off and _load() is not None
 
 
 def fits(*tensors: Tensor, dtype: torch.dtype = torch.float32) -> bool:
