@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from merging.demo import write_tokenizer  # noqa: E402
+from merging.demo import llama_shapes, write_tokenizer  # noqa: E402
 from merging.safetensors_io import OutputTensor, ShardedWriter  # noqa: E402
 
 MODELS = ("base", "ft1", "ft2", "ft3")
@@ -50,20 +50,7 @@ class Widths:
     kv_heads: int = 8
 
     def shapes(self, layers: int) -> dict[str, tuple[int, ...]]:
-        h, i, v = self.hidden, self.intermediate, self.vocab
-        kv = h // self.heads * self.kv_heads
-        shapes = {"model.embed_tokens.weight": (v, h)}
-        for layer in range(layers):
-            p = f"model.layers.{layer}."
-            shapes.update({
-                p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
-                p + "self_attn.q_proj.weight": (h, h), p + "self_attn.k_proj.weight": (kv, h),
-                p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, h),
-                p + "mlp.gate_proj.weight": (i, h), p + "mlp.up_proj.weight": (i, h),
-                p + "mlp.down_proj.weight": (h, i),
-            })
-        shapes.update({"model.norm.weight": (h,), "lm_head.weight": (v, h)})
-        return shapes
+        return llama_shapes(self.config(layers))
 
     def config(self, layers: int) -> dict:
         return {"architectures": ["MistralForCausalLM"], "model_type": "mistral", "hidden_size": self.hidden,

@@ -6,13 +6,12 @@ Mermaid).
 """
 
 from .fetch import DiskCache, HubSource, ModelRecord, RecordingSource, SnapshotSource, default_cache_dir
-from .graph import (CrawlOptions, build_lineage, composition, find_cycles, generations, merge_preview, roots,
-                    text_tree)
+from .graph import CrawlOptions, build_lineage, composition, find_cycles, merge_preview, roots, text_tree
 from .parse import parse_record
 from .render import iframe, license_family, render_html, to_graphml, to_json, to_mermaid
 
 __all__ = [
     "CrawlOptions", "DiskCache", "HubSource", "ModelRecord", "RecordingSource", "SnapshotSource", "build_lineage",
-    "composition", "default_cache_dir", "find_cycles", "generations", "iframe", "merge_preview", "license_family", "parse_record",
+    "composition", "default_cache_dir", "find_cycles", "iframe", "merge_preview", "license_family", "parse_record",
     "render_html", "roots", "text_tree", "to_graphml", "to_json", "to_mermaid",
 ]

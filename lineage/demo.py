@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from .fetch import ModelRecord, write_snapshot
+from .fetch import ModelRecord, child_tag, write_snapshot
 
 DEMO_SNAPSHOT = Path(__file__).resolve().parent / "data" / "demo_snapshot.json"
 SHARED_FACTS = Path(__file__).resolve().parent.parent.parent / "shared" / "lineage-demo.json"
@@ -65,7 +65,7 @@ def build_demo_snapshot(facts_path: Path = SHARED_FACTS, out: Path = DEMO_SNAPSH
             info["reportedParents"] = reported
         records.append(ModelRecord(model_id, "ok", info, card))
         for parent in model.get("parents", []):
-            for tag in (f"base_model:{parent['id']}", f"base_model:{parent['relation']}:{parent['id']}"):
+            for tag in (child_tag(parent["id"]), child_tag(parent["id"], parent["relation"])):
                 children.setdefault(tag, []).append(model_id)
     write_snapshot(out, records, children, facts.get("target"))
     return out

@@ -50,6 +50,11 @@ class ModelRecord:
         return cls(**{k: data[k] for k in ("id", "status", "info", "card", "files", "detail") if k in data})
 
 
+def child_tag(model_id: str, relation: Optional[str] = None) -> str:
+    """The tag the Hub puts on a model's children: `base_model:<id>`, or `base_model:<relation>:<id>`."""
+    return f"base_model:{relation}:{model_id}" if relation else f"base_model:{model_id}"
+
+
 class RecordSource(Protocol):
     def record(self, model_id: str) -> ModelRecord: ...
 
@@ -177,7 +182,7 @@ class HubSource:
         return record
 
     def children(self, model_id: str, relation: Optional[str] = None) -> list[str]:
-        tag = f"base_model:{relation}:{model_id}" if relation else f"base_model:{model_id}"
+        tag = child_tag(model_id, relation)
 
         def fetch() -> list[str]:
             return self._hub(lambda: [m.id for m in self._api.list_models(filter=tag, limit=1000)],
@@ -229,7 +234,7 @@ class SnapshotSource:
         return self.records.get(model_id) or ModelRecord(model_id, "missing", detail="not in the snapshot")
 
     def children(self, model_id: str, relation: Optional[str] = None) -> list[str]:
-        tag = f"base_model:{relation}:{model_id}" if relation else f"base_model:{model_id}"
+        tag = child_tag(model_id, relation)
         return list(self.child_lists.get(tag, []))
 
 
@@ -250,7 +255,7 @@ class RecordingSource:
 
     def children(self, model_id: str, relation: Optional[str] = None) -> list[str]:
         found = self.inner.children(model_id, relation)
-        tag = f"base_model:{relation}:{model_id}" if relation else f"base_model:{model_id}"
+        tag = child_tag(model_id, relation)
         with self._lock:
             self.child_lists[tag] = list(found)
         return found

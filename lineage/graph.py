@@ -178,13 +178,6 @@ def roots(graph: nx.DiGraph) -> list[str]:
     return sorted(n for n in graph if graph.in_degree(n) == 0)
 
 
-def generations(graph: nx.DiGraph) -> dict[int, list[str]]:
-    result: dict[int, list[str]] = {}
-    for node, generation in graph.nodes(data="generation"):
-        result.setdefault(generation, []).append(node)
-    return {g: sorted(nodes) for g, nodes in sorted(result.items())}
-
-
 def parent_shares(graph: nx.DiGraph, child: str, parents: list[str]) -> dict[str, float]:
     """How much of `child` each parent accounts for, from the merge parameters on its edges."""
     if not parents:

@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence, Union
 import yaml
 
 from . import untrusted_yaml
+from .chat_templates import BUILTIN as BUILTIN_CHAT_TEMPLATES
 from .errors import MergeError, did_you_mean
 from .hub import repo_id_problem
 from .methods import REGISTRY, BasePolicy, MergeMethod, Parameter
@@ -33,7 +34,6 @@ DTYPES: dict[str, str] = {
     "bfloat16": "bfloat16", "bf16": "bfloat16",
     "float64": "float64", "fp64": "float64",
 }
-BUILTIN_CHAT_TEMPLATES = ("chatml", "llama3", "alpaca", "mistral")
 
 _TOP_KEYS = ("merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype",
              "tokenizer_source", "tokenizer", "chat_template", "modules", "name", "description")
@@ -98,6 +98,13 @@ class MergeConfig:
     chat_template: Optional[str]
     text: str  # the YAML as the user wrote it, embedded in the model card
     warnings: tuple[str, ...] = ()  # legitimate but unusual values, for the log and the card
+
+    def model_entries(self) -> tuple[ModelEntry, ...]:
+        """A `models:` merge's entries, with the base added when the list leaves it out (as mergekit does)."""
+        entries = self.models or ()
+        if self.base_model and self.base_model not in [e.model for e in entries]:
+            entries += (ModelEntry(self.base_model),)
+        return entries
 
     def referenced_models(self) -> list[ModelRef]:
         """Every model the merge reads, base first, each once, in config order."""
@@ -361,11 +368,15 @@ def _unusual_values(config: MergeConfig) -> Iterator[str]:
 RefParser = Callable[[Any, str], ModelRef]
 
 
-def _parse_models(raw: Any, method: MergeMethod, ref: RefParser) -> tuple[ModelEntry, ...]:
+def _non_empty_list(raw: Any, where: str, of: str) -> list:
     if not isinstance(raw, list) or not raw:
-        raise MergeError("models: must be a non-empty list of entries with a 'model' key")
+        raise MergeError(f"{where}: must be a non-empty list of {of}")
+    return raw
+
+
+def _parse_models(raw: Any, method: MergeMethod, ref: RefParser) -> tuple[ModelEntry, ...]:
     entries = []
-    for i, item in enumerate(raw):
+    for i, item in enumerate(_non_empty_list(raw, "models", "entries with a 'model' key")):
         where = f"models[{i}]"
         if isinstance(item, str):  # shorthand some configs use: `- org/model`
             item = {"model": item}
@@ -383,21 +394,16 @@ def _parse_models(raw: Any, method: MergeMethod, ref: RefParser) -> tuple[ModelE
 
 
 def _parse_slices(raw: Any, method: MergeMethod, ref: RefParser) -> tuple[OutputSlice, ...]:
-    if not isinstance(raw, list) or not raw:
-        raise MergeError("slices: must be a non-empty list of entries with 'sources'")
     result = []
-    for i, item in enumerate(raw):
+    for i, item in enumerate(_non_empty_list(raw, "slices", "entries with 'sources'")):
         where = f"slices[{i}]"
         if not isinstance(item, dict):
             raise MergeError(f"{where}: each slice is a mapping with 'sources'")
         _check_keys(item, _SLICE_KEYS, f"{where}.")
         if "residual_weight" in item:
             raise MergeError(f"{where}.residual_weight: not supported (mergekit ignores it too); remove it")
-        sources_raw = item.get("sources")
-        if not isinstance(sources_raw, list) or not sources_raw:
-            raise MergeError(f"{where}.sources: must be a non-empty list of {{model, layer_range}} entries")
         sources = []
-        for j, src in enumerate(sources_raw):
+        for j, src in enumerate(_non_empty_list(item.get("sources"), f"{where}.sources", "{model, layer_range} entries")):
             src_where = f"{where}.sources[{j}]"
             if not isinstance(src, dict) or "model" not in src:
                 raise MergeError(f"{src_where}: each source needs 'model' and 'layer_range'")
@@ -457,10 +463,7 @@ def _check_input_counts(config: MergeConfig) -> None:
     method = config.method
     groups: list[tuple[str, list[ModelRef], Optional[ModelRef]]] = []
     if config.models is not None:
-        refs = [e.model for e in config.models]
-        if config.base_model and config.base_model not in refs:
-            refs.append(config.base_model)  # mergekit adds a base that `models` leaves out
-        groups.append(("models", refs, config.base_model))
+        groups.append(("models", [e.model for e in config.model_entries()], config.base_model))
     else:
         for i, out in enumerate(config.slices):
             groups.append((f"slices[{i}].sources", [s.model for s in out.sources], out.base_model or config.base_model))

@@ -37,7 +37,8 @@ def write_tokenizer(directory: Path, vocab: int, chat_template: str | None = Non
     (directory / "tokenizer_config.json").write_text(json.dumps(config))
 
 
-def _shapes(config: dict) -> dict[str, tuple[int, ...]]:
+def llama_shapes(config: dict) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes of a Llama/Mistral-shaped checkpoint with `config`'s widths."""
     h, i, v = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
     kv = h // config["num_attention_heads"] * config["num_key_value_heads"]
     shapes = {"model.embed_tokens.weight": (v, h)}
@@ -55,7 +56,7 @@ def _shapes(config: dict) -> dict[str, tuple[int, ...]]:
 
 def ensure_demo_models(root: Path) -> dict[str, Path]:
     """Create (once) a base and two fine-tunes of it under `root`; returns their directories."""
-    shapes = _shapes(_CONFIG)
+    shapes = llama_shapes(_CONFIG)
     generator = torch.Generator().manual_seed(0)
     base = {n: (torch.ones(s) if len(s) == 1 else torch.randn(s, generator=generator) * 0.05) for n, s in shapes.items()}
     paths = {}

@@ -136,9 +136,7 @@ class _Slice:
 
 def _slices(config: MergeConfig, layouts: dict[ModelRef, Layout]) -> list[_Slice]:
     if config.models is not None:
-        entries = [(e.model, 0, e.parameters) for e in config.models]
-        if config.base_model and config.base_model not in [e.model for e in config.models]:
-            entries.append((config.base_model, 0, {}))
+        entries = [(e.model, 0, e.parameters) for e in config.model_entries()]
         counts = {ref: layouts[ref].num_layers for ref, _, _ in entries}
         if len(set(counts.values())) > 1:
             detail = ", ".join(f"{ref} has {n}" for ref, n in counts.items())
@@ -272,8 +270,7 @@ def _aligned_rows(name: str, headers, refs, tokenizer_from: ModelSource, config:
     """Rows to align a vocabulary tensor to when inputs disagree on vocabulary size."""
     trailing = {h.shape[1:] for h in headers}
     row_counts = [h.shape[0] for h in headers]
-    vocab_sizes = {text_config(sources[ref].config).get("vocab_size") for ref in refs}
-    if len(trailing) > 1 or not set(row_counts) <= (vocab_sizes | set(row_counts)) or not headers[0].shape:
+    if len(trailing) > 1 or not headers[0].shape:
         detail = ", ".join(f"{ref} {list(h.shape)}" for ref, h in zip(refs, headers))
         raise MergeError(f"{name}: shapes differ between inputs ({detail}); these models cannot be merged")
     if config.tokenizer_source is not None:

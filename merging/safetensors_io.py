@@ -20,7 +20,7 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterable, Optional, Sequence
+from typing import BinaryIO, Optional, Sequence
 
 import torch
 
@@ -240,7 +240,3 @@ class ShardedWriter:
         for handle in self._handles:
             handle.close()
         self._handles.clear()
-
-
-def total_bytes(tensors: Iterable[OutputTensor]) -> int:
-    return sum(t.nbytes for t in tensors)

@@ -47,9 +47,6 @@ class ModelSource:
     def label(self) -> str:
         return str(self.ref)
 
-    def files_for(self, tensor_names: set[str]) -> set[str]:
-        return {self.tensors[name].file for name in tensor_names}
-
     def reader(self) -> "TensorReader | PickleReader":
         if self.local_dir is None:
             raise RuntimeError(f"{self.label} has not been fetched")
@@ -81,6 +78,11 @@ def _card_license(text: str) -> Optional[str]:
     return str(value) if value else None
 
 
+def _pickle_refused(label: str) -> MergeError:
+    return MergeError(f"{label}: has only pickled .bin weights; pass --allow-pickle to load them "
+                      f"(with weights_only=True), or use a safetensors copy")
+
+
 def _local_headers(root: Path, label: str, allow_pickle: bool) -> tuple[dict[str, TensorHeader], dict[str, int], bool]:
     index = root / "model.safetensors.index.json"
     if index.is_file():
@@ -99,8 +101,7 @@ def _local_headers(root: Path, label: str, allow_pickle: bool) -> tuple[dict[str
     if not pickles:
         raise MergeError(f"{label}: no safetensors weights found in {root}")
     if not allow_pickle:
-        raise MergeError(f"{label}: has only pickled .bin weights; pass --allow-pickle to load them "
-                         f"(with weights_only=True), or use a safetensors copy")
+        raise _pickle_refused(label)
     headers = {}
     for name in pickles:
         state = torch.load(root / name, map_location="cpu", weights_only=True, mmap=True)
@@ -189,8 +190,7 @@ def _inspect_hub_model(ref: ModelRef, *, token: hub.Token, allow_pickle: bool,
             if not pickles:
                 raise MergeError(f"{ref}: the repo has no safetensors or pytorch_model.bin weights")
             if not allow_pickle:
-                raise MergeError(f"{ref}: has only pickled .bin weights; pass --allow-pickle to load them "
-                                 f"(with weights_only=True), or pick a safetensors copy")
+                raise _pickle_refused(str(ref))
             headers, sizes, pickled = {}, {f: siblings[f] for f in pickles}, True
     except MergeError:
         raise

@@ -11,7 +11,7 @@ import torch
 
 from merging.__main__ import main
 from merging.safetensors_io import TensorReader
-from tiny_models import load_state
+from tiny_models import TIES_CONFIG, load_state
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -32,15 +32,7 @@ def write(tmp_path, text: str, **paths) -> Path:
     return config
 
 
-GOOD_TIES = """
-merge_method: ties
-base_model: {base}
-models:
-  - model: {ft1}
-    parameters: {{weight: 0.5, density: 0.5}}
-  - model: {ft2}
-    parameters: {{weight: 0.5, density: 0.5}}
-"""
+GOOD_TIES = TIES_CONFIG
 
 BAD_CONFIGS = [
     ("typo_param", GOOD_TIES.replace("density: 0.5}}\n  - model: {ft2}", "densty: 0.5}}\n  - model: {ft2}"),

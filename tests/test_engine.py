@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from merging import MergeError, MergeOptions, parse_config, run_merge
-from tiny_models import load_state
+from tiny_models import TIES_CONFIG, load_state
 
 
 def generate(directory, steps: int = 4) -> list[int]:
@@ -92,17 +92,7 @@ dtype: float16
 
 def test_sharded_output_with_index_loads(mistral, tmp_path):
     base, ft1, ft2 = mistral.base(), mistral.finetune(1), mistral.finetune(2)
-    text = f"""
-merge_method: ties
-base_model: {base}
-models:
-  - model: {ft1}
-    parameters: {{weight: 0.5, density: 0.5}}
-  - model: {ft2}
-    parameters: {{weight: 0.5, density: 0.5}}
-dtype: float32
-out_dtype: bfloat16
-"""
+    text = TIES_CONFIG.format(base=base, ft1=ft1, ft2=ft2) + "dtype: float32\nout_dtype: bfloat16\n"
     files = run_merge(parse_config(text), tmp_path / "out", options=MergeOptions(out_shard_bytes=60_000))
     shards = [f for f in files if f.endswith(".safetensors")]
     assert len(shards) > 2 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"

@@ -16,6 +16,16 @@ from safetensors.torch import save_file
 from merging.demo import write_tokenizer
 
 VOCAB = 96
+# A TIES merge of two fine-tunes onto their base (fill in base, ft1, ft2 with str.format).
+TIES_CONFIG = """
+merge_method: ties
+base_model: {base}
+models:
+  - model: {ft1}
+    parameters: {{weight: 0.5, density: 0.5}}
+  - model: {ft2}
+    parameters: {{weight: 0.5, density: 0.5}}
+"""
 
 ARCHES = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", {"tie_word_embeddings": False}),
