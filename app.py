@@ -253,7 +253,8 @@ class MergelineApp:
         if graph.graph["truncated"]:
             cycles_md += " The crawl was cut short (raise the depth to see more)."
         shares = lineage.composition(graph)
-        composition_md = "**Ancestry composition:** " + ", ".join(f"{share:.0%} {root}" for root, share in shares.items())
+        composition_md = "**Ancestry composition:** " + ", ".join(f"{share:.0%} {root}"
+                                                                  for root, share in shares.items())
         export_dir = self.session_dir(request) / "lineage"
         shutil.rmtree(export_dir, ignore_errors=True)  # one family's exports per session
         export_dir.mkdir()

@@ -94,11 +94,13 @@ def config_for(method: str, paths: dict[str, Path], layers: int) -> str:
     base, ft1, ft2, ft3 = (str(paths[n]) for n in MODELS)
     if method == "linear":
         return (f"merge_method: linear\nmodels:\n  - {{model: {ft1}, parameters: {{weight: 0.5}}}}\n"
-                f"  - {{model: {ft2}, parameters: {{weight: 0.3}}}}\n  - {{model: {ft3}, parameters: {{weight: 0.2}}}}\n"
+                f"  - {{model: {ft2}, parameters: {{weight: 0.3}}}}\n"
+                f"  - {{model: {ft3}, parameters: {{weight: 0.2}}}}\n"
                 f"dtype: bfloat16\n")
     if method == "slerp":
         return (f"merge_method: slerp\nbase_model: {base}\nslices:\n  - sources:\n"
-                f"      - {{model: {base}, layer_range: [0, {layers}]}}\n      - {{model: {ft1}, layer_range: [0, {layers}]}}\n"
+                f"      - {{model: {base}, layer_range: [0, {layers}]}}\n"
+                f"      - {{model: {ft1}, layer_range: [0, {layers}]}}\n"
                 f"parameters:\n  t:\n    - {{filter: self_attn, value: [0, 0.5, 0.3, 0.7, 1]}}\n"
                 f"    - {{filter: mlp, value: [1, 0.5, 0.7, 0.3, 0]}}\n    - {{value: 0.5}}\ndtype: bfloat16\n")
     if method in ("ties", "dare_ties"):

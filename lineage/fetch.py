@@ -145,8 +145,13 @@ class HubSource:
         return ModelRecord.from_dict(data)
 
     def _fetch_record(self, model_id: str) -> ModelRecord:
-        from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, HFValidationError, HfHubHTTPError,
-                                            RepositoryNotFoundError)
+        from huggingface_hub.errors import (
+            EntryNotFoundError,
+            GatedRepoError,
+            HfHubHTTPError,
+            HFValidationError,
+            RepositoryNotFoundError,
+        )
 
         try:
             response = self._hub(lambda: self._api.model_info(model_id, expand=_INFO_FIELDS), f"{model_id}: model info")

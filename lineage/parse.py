@@ -32,7 +32,8 @@ HUB_URL = re.compile(r"^https?://huggingface\.co/")
 _LINK = re.compile(r"\[[^\]]*\]\(https?://huggingface\.co/([A-Za-z0-9][\w.-]*/[\w.-]+?)/?\)")
 MAX_PARENTS = 64  # per card: merges name a handful; a card listing thousands would cost a request each
 _YAML_BLOCK = re.compile(r"```\s*(?:ya?ml)?\s*\n(.*?)```", re.S)
-_LIST_HEADERS = re.compile(r"(The following models were included in the merge:|is a merge of the following models[^\n]*)")
+_LIST_HEADERS = re.compile(r"(The following models were included in the merge:"
+                           r"|is a merge of the following models[^\n]*)")
 _BASE_SENTENCE = re.compile(r"using\s+\[[^\]]*\]\(https?://huggingface\.co/([A-Za-z0-9][\w.-]*/[\w.-]+?)/?\)\s+as\s+a\s+base")
 _NOT_PARENT_TAGS = ("base_model:", "dataset:", "datasets:", "license:", "arxiv:", "region:", "doi:", "endpoints_",
                     "autotrain", "model-index", "co2_eq")

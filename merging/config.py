@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence, Union
@@ -403,7 +402,8 @@ def _parse_slices(raw: Any, method: MergeMethod, ref: RefParser) -> tuple[Output
         if "residual_weight" in item:
             raise MergeError(f"{where}.residual_weight: not supported (mergekit ignores it too); remove it")
         sources = []
-        for j, src in enumerate(_non_empty_list(item.get("sources"), f"{where}.sources", "{model, layer_range} entries")):
+        listed = _non_empty_list(item.get("sources"), f"{where}.sources", "{model, layer_range} entries")
+        for j, src in enumerate(listed):
             src_where = f"{where}.sources[{j}]"
             if not isinstance(src, dict) or "model" not in src:
                 raise MergeError(f"{src_where}: each source needs 'model' and 'layer_range'")

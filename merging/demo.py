@@ -58,7 +58,8 @@ def ensure_demo_models(root: Path) -> dict[str, Path]:
     """Create (once) a base and two fine-tunes of it under `root`; returns their directories."""
     shapes = llama_shapes(_CONFIG)
     generator = torch.Generator().manual_seed(0)
-    base = {n: (torch.ones(s) if len(s) == 1 else torch.randn(s, generator=generator) * 0.05) for n, s in shapes.items()}
+    base = {n: (torch.ones(s) if len(s) == 1 else torch.randn(s, generator=generator) * 0.05)
+            for n, s in shapes.items()}
     paths = {}
     for index, name in enumerate(DEMO_NAMES):
         directory = Path(root) / name

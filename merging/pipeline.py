@@ -58,7 +58,8 @@ class HostedLimits:
 def load_config(source: Union[str, Path], *, limits: Optional[HostedLimits] = None) -> MergeConfig:
     """Parse a config from a YAML file path or from YAML text (with `limits`: as a Space accepts it)."""
     roots = limits.allowed_local_roots if limits is not None else None
-    if isinstance(source, Path) or (isinstance(source, str) and "\n" not in source and source.endswith((".yml", ".yaml"))):
+    is_path = isinstance(source, str) and "\n" not in source and source.endswith((".yml", ".yaml"))
+    if isinstance(source, Path) or is_path:
         path = Path(source)
         if not path.is_file():
             raise MergeError(f"CONFIG: {path} does not exist")

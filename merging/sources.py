@@ -19,8 +19,8 @@ import torch
 from . import hub
 from .config import ModelRef
 from .errors import MergeError
-from .untrusted_yaml import front_matter
 from .safetensors_io import TensorHeader, TensorReader, dtype_from_code, read_header
+from .untrusted_yaml import front_matter
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "vocab.txt",
@@ -50,7 +50,8 @@ class ModelSource:
     def reader(self) -> "TensorReader | PickleReader":
         if self.local_dir is None:
             raise RuntimeError(f"{self.label} has not been fetched")
-        return PickleReader(self.local_dir, self.tensors) if self.pickled else TensorReader(self.local_dir, self.tensors)
+        reader = PickleReader if self.pickled else TensorReader
+        return reader(self.local_dir, self.tensors)
 
 
 class PickleReader:
@@ -152,14 +153,20 @@ def _hub_error(ref: ModelRef, exc: Exception) -> MergeError:
     status = hub.http_status(exc)
     detail = f"HTTP {status}" if status else type(exc).__name__
     first = str(exc).splitlines()[0] if str(exc) else ""
-    return MergeError(f"{ref}: the Hub at {hub.endpoint()} refused the request ({detail}{': ' + first if first else ''})")
+    detail += f": {first}" if first else ""
+    return MergeError(f"{ref}: the Hub at {hub.endpoint()} refused the request ({detail})")
 
 
 def _inspect_hub_model(ref: ModelRef, *, token: hub.Token, allow_pickle: bool,
                        cache_dir: Optional[Path]) -> ModelSource:
     from huggingface_hub import HfApi
-    from huggingface_hub.errors import (EntryNotFoundError, HFValidationError, HfHubHTTPError,
-                                        NotASafetensorsRepoError, SafetensorsParsingError)
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        HfHubHTTPError,
+        HFValidationError,
+        NotASafetensorsRepoError,
+        SafetensorsParsingError,
+    )
 
     api = HfApi(token=token)
     repo = ref.path

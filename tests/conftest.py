@@ -31,7 +31,6 @@ for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE", "SPACE_ID")
     os.environ.pop(name, None)
 
 import pytest  # noqa: E402
-
 from tiny_models import Family  # noqa: E402
 
 

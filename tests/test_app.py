@@ -5,8 +5,6 @@ from __future__ import annotations
 import zipfile
 from pathlib import Path
 
-import pytest
-
 from app import DEMO_EXAMPLE, MergelineApp, Settings
 
 

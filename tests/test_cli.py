@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import TIES_CONFIG, load_state
 
 from merging.__main__ import main
 from merging.safetensors_io import TensorReader
-from tiny_models import TIES_CONFIG, load_state
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -8,9 +8,9 @@ import shutil
 import pytest
 import torch
 import yaml
+from tiny_models import TIES_CONFIG, load_state
 
 from merging import MergeError, MergeOptions, parse_config, run_merge
-from tiny_models import TIES_CONFIG, load_state
 
 
 def generate(directory, steps: int = 4) -> list[int]:

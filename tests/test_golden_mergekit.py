@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file, save_file
-
 from golden.make_golden import CONFIG, MODELS
-from merging import MergeOptions, parse_config, run_merge
+from safetensors.torch import load_file, save_file
 from tiny_models import load_state
+
+from merging import MergeOptions, parse_config, run_merge
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))]

@@ -21,15 +21,14 @@ from pathlib import Path
 import networkx as nx
 import pytest
 import yaml
+from tiny_models import Family, load_state
 
 from app import DEMO_EXAMPLE, MergelineApp, Settings
 from lineage import CrawlOptions, HubSource, build_lineage, text_tree
-from lineage.__main__ import main as lineage_main
 from merging import HostedLimits, HubError, MergeError, load_config, parse_config, plan_merge, run_merge
 from merging.__main__ import main as merge_main
 from merging.demo import demo_config
 from merging.upload import upload_merge
-from tiny_models import Family, load_state
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "hf_hardening_write_token"

@@ -5,14 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 import yaml
+from tiny_models import load_state
 
 from merging import MergeError, parse_config, plan_merge, run_merge, summarize
-from tiny_models import load_state
 
 
 @pytest.fixture(scope="module")
 def hub_family(hub, llama, tmp_path_factory):
-    root = tmp_path_factory.mktemp("hub-repos")
     repos = {
         "org/base": llama._write("hub-base", llama.base_state, shards=3, card="---\nlicense: mit\n---\n"),
         "org/ft1": llama.finetune(11, shards=3),

@@ -9,8 +9,19 @@ import networkx as nx
 import pytest
 import yaml
 
-from lineage import (CrawlOptions, HubSource, RecordingSource, SnapshotSource, build_lineage, composition,
-                     render_html, roots, to_graphml, to_json, to_mermaid)
+from lineage import (
+    CrawlOptions,
+    HubSource,
+    RecordingSource,
+    SnapshotSource,
+    build_lineage,
+    composition,
+    render_html,
+    roots,
+    to_graphml,
+    to_json,
+    to_mermaid,
+)
 from lineage.__main__ import main as lineage_main
 from lineage.fetch import DiskCache
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import load_state
 
 from merging import MergeOptions, parse_config, run_merge
 from merging.methods import REGISTRY, native
@@ -20,7 +21,6 @@ from merging.methods.chunks import WholeTensor, row_sums
 from merging.methods.linear import linear, linear_narrow
 from merging.methods.selection import TopK, bernoulli, bernoulli_draws
 from merging.methods.spherical import prepare_slerp
-from tiny_models import load_state
 
 ROOT = Path(__file__).resolve().parent.parent
 needs_native = pytest.mark.skipif(not native.available(), reason="no C compiler to build the fused loops")

@@ -35,3 +35,41 @@ def test_space_front_matter_matches_the_pinned_gradio():
     assert "write-repos" in meta["hf_oauth_scopes"]
     pinned = re.search(r"^gradio(?:\[[\w,]+\])?==(\S+)", (ROOT / "requirements.txt").read_text(), re.M).group(1)
     assert str(meta["sdk_version"]) == pinned
+
+
+def test_the_linter_passes():
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", "."], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_console_scripts_name_the_clis_main_functions():
+    import importlib
+
+    import tomllib
+
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert set(scripts) == {"mergeline-merge", "mergeline-lineage"}
+    for target in scripts.values():
+        module, _, function = target.partition(":")
+        assert callable(getattr(importlib.import_module(module), function))
+
+
+def test_parsing_a_config_imports_no_torch():
+    import subprocess
+    import sys
+
+    check = ("import sys; from merging import parse_config; "
+             "parse_config('merge_method: ties\\nbase_model: org/a\\nmodels:\\n  - model: org/b\\n"
+             "    parameters: {weight: 1, density: 0.5}\\ndtype: bfloat16\\n'); print('torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", check], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == "False", done.stderr
+
+
+def test_no_source_file_is_over_500_lines():
+    sources = [p for folder in ("merging", "lineage") for p in (ROOT / folder).rglob("*.py")] + [ROOT / "app.py"]
+    long = {str(p.relative_to(ROOT)): n for p in sources if (n := len(p.read_text().splitlines())) > 500}
+    assert not long

@@ -386,7 +386,8 @@ def _block_hash(seed: int, start: int, end: int, device: torch.device) -> Tensor
     """
     block_seeds = _block_seeds(seed, start, end)
     origin = start // RNG_BLOCK * RNG_BLOCK
-    spans = [min(end, origin + (b + 1) * RNG_BLOCK) - max(start, origin + b * RNG_BLOCK) for b in range(len(block_seeds))]
+    spans = [min(end, origin + (b + 1) * RNG_BLOCK) - max(start, origin + b * RNG_BLOCK)
+             for b in range(len(block_seeds))]
 
     def per_position(values: list[int]) -> Tensor:
         per_block = torch.tensor(values, dtype=torch.int32).to(device)

@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 
 from . import native
-from .chunks import Chunks, FusedKernel, Kernel, exact_total, row_sums
+from .chunks import Chunks, FusedKernel, exact_total, row_sums
 from .pruning import outlier_prune, random_keep, rank_prune
 from .selection import TopK, bernoulli_draws, stream_seed
 
@@ -140,8 +140,10 @@ class _PreparedTaskVectors:
             active = [i for i in pruned if not selectors[i].done]
             if not active:
                 break
-            for parts in chunks.map(lambda base, models, offset: [
-                    selectors[i].scan_difference(models[i], base, offset) for i in active], as_loaded=True):
+            def scan(base: Tensor, models: list[Tensor], offset: int, active: list[int] = active) -> list:
+                return [selectors[i].scan_difference(models[i], base, offset) for i in active]
+
+            for parts in chunks.map(scan, as_loaded=True):
                 for i, part in zip(active, parts):
                     selectors[i].fold(part)
             for i in active:

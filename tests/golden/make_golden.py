@@ -44,7 +44,7 @@ def make_inputs() -> dict[str, dict[str, torch.Tensor]]:
     g = torch.Generator().manual_seed(1234)
     base = {n: torch.randn(s, generator=g) * 0.5 for n, s in shapes.items()}
     models = {"base": base}
-    for k, name in enumerate(MODELS[1:]):
+    for name in MODELS[1:]:
         # fine-tunes: dense small noise plus a few large, sign-mixed updates (what TIES cares about)
         models[name] = {n: t + torch.randn(t.shape, generator=g) * 0.05
                         + (torch.rand(t.shape, generator=g) < 0.1) * torch.randn(t.shape, generator=g) * 0.5
