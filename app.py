@@ -26,7 +26,7 @@ import time
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import gradio as gr
 
@@ -34,8 +34,8 @@ import lineage
 from merging import HostedLimits, MergeError, MergeEvent, MergeOptions, load_config, plan_merge, run_merge, summarize
 from merging.cleanup import remove_orphans
 from merging.demo import demo_config
+from merging.errors import HubUnreachable
 from merging.hub import Token, request_token
-from merging.untrusted_yaml import load as load_yaml
 from merging.upload import suggest_repo_name, upload_merge
 
 log = logging.getLogger("mergeline.app")
@@ -44,6 +44,13 @@ EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
 DEMO_EXAMPLE = "Offline demo: TIES of tiny local models"
 DEMO_LINEAGE = "mlabonne/NeuralBeagle14-7B"
 _SESSION = re.compile(r"^(\d+)-[\w-]+$")
+CSS = """
+#merge-log textarea { font-family: ui-monospace, monospace; font-size: 13px; }
+#lineage-models { overflow-x: auto; }
+.mergeline-error { color: var(--error-text-color, #c0392b); }
+"""
+SCROLL_LOG_TO_END = """() => { setTimeout(() => {
+  const log = document.querySelector('#merge-log textarea'); if (log) log.scrollTop = log.scrollHeight; }, 50); }"""
 
 
 def examples() -> dict[str, Optional[Path]]:
@@ -83,12 +90,42 @@ class Settings:
         return cls(hosted=bool(environ.get("SPACE_ID")), work_root=work_root, limits=limits)
 
 
+# What each action shows, by name: a new action always replaces every output of the last one.
+class ValidateView(NamedTuple):
+    report: str = ""
+    preview: str = ""
+
+
+class MergeView(NamedTuple):
+    log: str = ""
+    result: str = ""
+    archive: Optional[str] = None
+    job: Optional[dict] = None
+    repo_name: str = ""
+
+
+class LineageView(NamedTuple):
+    graph: str = ""
+    models: Optional[list[list]] = None
+    cycles: str = ""
+    composition: str = ""
+    exports: Optional[list[str]] = None
+
+
+def explain(exc: Exception) -> str:
+    """The one line a failure shows in the page; an unreachable Hub says what still works."""
+    message = str(exc)
+    if isinstance(exc, HubUnreachable):
+        message += "; Hub examples need the network, the offline demos work without"
+    return message
+
+
 def error_markdown(exc: Exception) -> str:
-    return f"**Error:** {html.escape(str(exc))}"
+    return f"**Error:** {html.escape(explain(exc))}"
 
 
 def error_html(exc: Exception) -> str:
-    return f'<p class="mergeline-error"><strong>Error:</strong> {html.escape(str(exc))}</p>'
+    return f'<p class="mergeline-error"><strong>Error:</strong> {html.escape(explain(exc))}</p>'
 
 
 class MergelineApp:
@@ -99,9 +136,8 @@ class MergelineApp:
         # On a Space, the app's own demo models are the only local paths a config may name.
         self.limits = (dataclasses.replace(settings.limits, allowed_local_roots=(settings.demo_models,))
                        if settings.hosted else None)
-        sessions = self.sessions_root
-        sessions.mkdir(parents=True, exist_ok=True)
-        remove_orphans(sessions, _SESSION)
+        self.sessions_root.mkdir(parents=True, exist_ok=True)
+        remove_orphans(self.sessions_root, _SESSION)
 
     # -- sessions and tokens ------------------------------------------------------------------
 
@@ -123,9 +159,6 @@ class MergelineApp:
         own = (pasted or "").strip() or (oauth.token if oauth is not None else "")
         return request_token(own, hosted=self.settings.hosted)
 
-    def load(self, text: str):
-        return load_config(text, limits=self.limits)
-
     def example_config(self, name: str) -> str:
         path = examples().get(name)
         return demo_config(self.settings.demo_models) if path is None else path.read_text()
@@ -133,29 +166,30 @@ class MergelineApp:
     # -- actions ------------------------------------------------------------------------------
 
     def validate(self, config_text: str, oauth_token: Optional[gr.OAuthToken] = None,
-                 request: Optional[gr.Request] = None) -> tuple[str, str]:
+                 request: Optional[gr.Request] = None) -> ValidateView:
         """Dry run: check the config against the models' headers and show the plan and the family it makes."""
         cache = Path(tempfile.mkdtemp(prefix="validate-", dir=self.session_dir(request)))
         try:
-            config = self.load(config_text)
+            config = load_config(config_text, limits=self.limits)
             plan = plan_merge(config, token=self.token(None, oauth_token), cache_dir=cache, limits=self.limits)
         except MergeError as exc:
-            return error_markdown(exc), ""
+            return ValidateView(report=error_markdown(exc))
         finally:
             shutil.rmtree(cache, ignore_errors=True)
         report = "\n".join(f"- {line}" for line in summarize(plan).lines())
-        graph = lineage.merge_preview(load_yaml(config_text), "(this merge)")
-        return f"**The config is valid.**\n\n{report}", lineage.iframe(lineage.render_html(graph), height=420)
+        return ValidateView(f"**The config is valid.**\n\n{report}",
+                            lineage.embed(lineage.merge_preview(config.mapping, "(this merge)")))
 
     def merge(self, config_text: str, job: Optional[dict], oauth_token: Optional[gr.OAuthToken] = None,
               request: Optional[gr.Request] = None, progress=gr.Progress()):
-        """Plan, download, merge; streams the log. Yields (log, result, zip, job, suggested repo name)."""
+        """Plan, download, merge; streams the log (a line per step, per downloaded file and per
+        twentieth of the tensors, with time and throughput)."""
         cleanup_job(job)  # one result per session: a new merge replaces the last
         lines: list[str] = []
         try:
-            config = self.load(config_text)
+            config = load_config(config_text, limits=self.limits)
         except MergeError as exc:
-            yield f"error: {exc}", error_markdown(exc), None, None, ""
+            yield MergeView(log=f"error: {explain(exc)}", result=error_markdown(exc))
             return
         job_dir = Path(tempfile.mkdtemp(prefix="job-", dir=self.session_dir(request)))
         name = suggest_repo_name(config)
@@ -183,20 +217,19 @@ class MergelineApp:
         while True:
             event = events.get()
             if isinstance(event, MergeEvent):
-                if event.is_progress:
-                    progress((event.done, event.total), desc="Merging", unit="tensors")
-                    if event.done == event.total or event.done - reported >= max(1, event.total // 20):
-                        elapsed = time.perf_counter() - started
-                        lines.append(f"[{event.done}/{event.total}] {event.message} ({elapsed:.1f} s)")
-                        reported = event.done
-                else:
+                if not event.is_progress:
                     lines.append(event.message)
                     started = time.perf_counter()
-                yield "\n".join(lines), "", None, None, name
+                else:
+                    progress((event.done, event.total), desc="Merging", unit="tensors")
+                    if event.done == event.total or event.done - reported >= max(1, event.total // 20):
+                        lines.append(event.describe(time.perf_counter() - started))
+                        reported = event.done
+                yield MergeView(log="\n".join(lines), repo_name=name)
             elif isinstance(event, Exception):
                 shutil.rmtree(job_dir, ignore_errors=True)
-                lines.append(f"error: {event}")
-                yield "\n".join(lines), error_markdown(event), None, None, ""
+                lines.append(f"error: {explain(event)}")
+                yield MergeView(log="\n".join(lines), result=error_markdown(event))
                 return
             else:
                 break
@@ -210,8 +243,8 @@ class MergelineApp:
         lines.append(f"Done: {len(list(output.iterdir()))} files, {size / 1e6:.1f} MB")
         where = "" if self.settings.hosted else f" in `{output}`"
         result = f"**Merged{where}.** Upload it below" + (", or download the files." if archive else ".")
-        yield "\n".join(lines), result, str(archive) if archive else None, {"dir": str(job_dir),
-                                                                            "output": str(output)}, name
+        yield MergeView("\n".join(lines), result, str(archive) if archive else None,
+                        {"dir": str(job_dir), "output": str(output)}, name)
 
     def upload(self, job: Optional[dict], repo_name: str, private: bool, token_text: str,
                oauth_token: Optional[gr.OAuthToken] = None) -> str:
@@ -225,46 +258,48 @@ class MergelineApp:
             return error_markdown(exc)
         return f"**Uploaded:** [{html.escape(url)}]({html.escape(url)})"
 
-    def show_lineage(self, model_id: str, direction: str, depth: int, use_demo: bool, token_text: str = "",
-                     oauth_token: Optional[gr.OAuthToken] = None, request: Optional[gr.Request] = None):
-        """Crawl a model's family; returns (graph iframe, node rows, cycles, composition, export files)."""
+    def show_lineage(self, model_id: str, direction: str, depth: int, use_demo: bool, color_by: str = "relation",
+                     token_text: str = "", oauth_token: Optional[gr.OAuthToken] = None,
+                     request: Optional[gr.Request] = None) -> LineageView:
+        """Crawl a model's family: the graph, a table of its models, cycles, composition and exports."""
         model_id = (model_id or "").strip()
         if not model_id:
-            return error_html(ValueError("model id: enter a Hub model id such as org/name")), [], "", "", None
+            return LineageView(error_html(ValueError("model id: enter a Hub model id such as org/name")))
         try:
             options = lineage.CrawlOptions(direction=direction, depth=int(depth))
             if use_demo:
                 from lineage.demo import DEMO_SNAPSHOT
                 source = lineage.SnapshotSource(DEMO_SNAPSHOT)
             else:
-                token = self.token(token_text, oauth_token)
-                cache = lineage.DiskCache(lineage.default_cache_dir()) if not self.settings.hosted else None
-                source = lineage.HubSource(token=token, cache=cache)
+                source = lineage.HubSource(token=self.token(token_text, oauth_token),
+                                           cache=lineage.DiskCache(lineage.default_cache_dir()))
             graph = lineage.build_lineage(model_id, source, options)
+            if graph.nodes[model_id]["status"] == "missing":
+                raise ValueError(f"model id: {model_id} is not in the offline snapshot, which holds only the family "
+                                 f"of {DEMO_LINEAGE}; untick the offline demo to ask the Hub" if use_demo else
+                                 f"model id: {model_id} is not on the Hub (or it is private: paste a token that can "
+                                 f"read it)")
         except (ValueError, MergeError) as exc:
-            return error_html(exc), [], "", "", None
-        rows = []
-        for node, data in sorted(graph.nodes(data=True), key=lambda item: (item[1]["generation"], item[0])):
-            relations = sorted({r for _, _, r in graph.in_edges(node, data="relation")})
-            rows.append([node, ", ".join(relations) or "root", data.get("license") or "unknown",
-                         data.get("downloads", 0), data.get("generation", 0), data.get("status", "")])
+            return LineageView(error_html(exc))
+        rows = [[node, data.get("relation", ""), data.get("license") or "unknown", data.get("downloads", 0),
+                 data.get("generation", 0), data["status"] + (f", cut: {data['cut']}" if data.get("cut") else "")]
+                for node, data in sorted(graph.nodes(data=True), key=lambda item: (item[1]["generation"], item[0]))]
         cycles = graph.graph["cycles"]
         cycles_md = ("**Cycles:** " + "; ".join(" -> ".join(c + c[:1]) for c in cycles)) if cycles else "No cycles."
         if graph.graph["truncated"]:
-            cycles_md += " The crawl was cut short (raise the depth to see more)."
-        shares = lineage.composition(graph)
-        composition_md = "**Ancestry composition:** " + ", ".join(f"{share:.0%} {root}"
-                                                                  for root, share in shares.items())
+            cycles_md += " The crawl was cut short (dashed outlines; raise the depth to see more)."
         export_dir = self.session_dir(request) / "lineage"
         shutil.rmtree(export_dir, ignore_errors=True)  # one family's exports per session
         export_dir.mkdir()
-        stem = model_id.replace("/", "__")
-        page = lineage.render_html(graph)
-        (export_dir / f"{stem}.html").write_text(page)
-        (export_dir / f"{stem}.json").write_text(json.dumps(lineage.to_json(graph), indent=1))
-        lineage.to_graphml(graph, export_dir / f"{stem}.graphml")
-        files = [str(export_dir / f"{stem}.{ext}") for ext in ("html", "json", "graphml")]
-        return lineage.iframe(page), rows, html.escape(cycles_md), html.escape(composition_md), files
+        stem = export_dir / model_id.replace("/", "__")
+        stem.with_suffix(".html").write_text(lineage.render_html(graph, color_by=color_by))
+        stem.with_suffix(".json").write_text(json.dumps(lineage.to_json(graph), indent=1))
+        lineage.to_graphml(graph, stem.with_suffix(".graphml"))
+        stem.with_suffix(".mmd").write_text(lineage.to_mermaid(graph))
+        stem.with_suffix(".svg").write_text(lineage.to_svg(graph, color_by=color_by))
+        files = [str(stem.with_suffix(ext)) for ext in (".html", ".json", ".graphml", ".mmd", ".svg")]
+        composition = f"**Ancestry composition:** {html.escape(lineage.composition_text(graph))}"
+        return LineageView(lineage.embed(graph, color_by=color_by), rows, html.escape(cycles_md), composition, files)
 
     # -- widgets ------------------------------------------------------------------------------
 
@@ -285,8 +320,8 @@ class MergelineApp:
                     merge_button = gr.Button("Merge", variant="primary", elem_id="merge")
                 report = gr.Markdown(elem_id="report")
                 preview = gr.HTML(elem_id="preview")
-                merge_log = gr.Textbox(label="Log", lines=8, max_lines=16, autoscroll=True, elem_id="merge-log")
                 result = gr.Markdown(elem_id="merge-result")
+                merge_log = gr.Textbox(label="Log", lines=10, max_lines=10, autoscroll=True, elem_id="merge-log")
                 archive = gr.File(label="Merged model (zip)", elem_id="archive")
                 job = gr.State(None, time_to_live=6 * 3600, delete_callback=cleanup_job)
                 with gr.Group():
@@ -304,7 +339,9 @@ class MergelineApp:
                 validate_button.click(self.validate, config, [report, preview], api_name="validate")
                 merge_button.click(self.merge, [config, job], [merge_log, result, archive, job, repo_name],
                                    api_name="merge", concurrency_limit=1, concurrency_id="merge",
-                                   show_progress_on=[merge_log])
+                                   show_progress_on=[result])
+                # Gradio's own autoscroll misses streamed updates: keep the last line in view.
+                merge_log.change(None, None, None, js=SCROLL_LOG_TO_END, queue=False, api_visibility="private")
                 upload_button.click(self.upload, [job, repo_name, private, token], upload_result, api_name="upload",
                                     concurrency_limit=2)
 
@@ -313,19 +350,25 @@ class MergelineApp:
                     model_id = gr.Textbox(DEMO_LINEAGE, label="Model id", elem_id="model-id")
                     direction = gr.Radio(["up", "down", "both"], value="both", label="Direction")
                     depth = gr.Slider(1, 8, value=6, step=1, label="Depth")
-                    use_demo = gr.Checkbox(True, label="Offline demo snapshot (NeuralBeagle14-7B family)")
+                with gr.Row():
+                    use_demo = gr.Checkbox(True, label="Offline demo snapshot (NeuralBeagle14-7B family)",
+                                           elem_id="use-demo")
+                    color_by = gr.Radio(["relation", "license"], value="relation", label="Colour by")
                 lineage_token = gr.Textbox(label="Token for private or gated models (optional, never stored)",
-                                           type="password")
+                                           type="password", visible=False, elem_id="lineage-token")
                 lineage_button = gr.Button("Draw the family tree", variant="primary", elem_id="draw")
                 graph_html = gr.HTML(elem_id="lineage-graph")
-                cycles = gr.Markdown()
-                shares = gr.Markdown()
+                cycles = gr.Markdown(elem_id="lineage-cycles")
+                shares = gr.Markdown(elem_id="lineage-composition")
                 nodes = gr.Dataframe(headers=["id", "relation", "license", "downloads", "generation", "status"],
-                                     label="Models", interactive=False)
-                exports = gr.File(label="Downloads (HTML, JSON, GraphML)", file_count="multiple")
-                lineage_button.click(self.show_lineage, [model_id, direction, depth, use_demo, lineage_token],
-                                     [graph_html, nodes, cycles, shares, exports], api_name="lineage",
-                                     concurrency_limit=4)
+                                     label="Models", interactive=False, wrap=False, elem_id="lineage-models")
+                exports = gr.File(label="Downloads (HTML, JSON, GraphML, Mermaid, SVG)", file_count="multiple")
+                inputs = [model_id, direction, depth, use_demo, color_by, lineage_token]
+                outputs = [graph_html, nodes, cycles, shares, exports]
+                lineage_button.click(self.show_lineage, inputs, outputs, api_name="lineage", concurrency_limit=4)
+                use_demo.change(lambda demo_on: gr.update(visible=not demo_on), use_demo, lineage_token,
+                                api_visibility="private")
+                demo.load(self.show_lineage, inputs, outputs, api_visibility="private")
             demo.unload(self.end_session)
         return demo
 
@@ -339,6 +382,11 @@ def build_app(settings: Optional[Settings] = None) -> gr.Blocks:
     return MergelineApp(settings or Settings.from_environment()).blocks()
 
 
+def launch(blocks: gr.Blocks, **options) -> None:
+    """Serve the app (merges queue one at a time; the other actions run four at a time)."""
+    blocks.queue(default_concurrency_limit=4).launch(css=CSS, **options)
+
+
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO)
-    build_app().queue(default_concurrency_limit=4).launch()
+    launch(build_app())

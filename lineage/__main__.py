@@ -12,9 +12,10 @@ from typing import Optional, Sequence
 from merging.errors import HubError
 from merging.hub import repo_id_problem
 
+from .export import to_graphml, to_json, to_mermaid, to_svg
 from .fetch import DiskCache, HubSource, RecordingSource, SnapshotSource, default_cache_dir
-from .graph import DIRECTIONS, CrawlOptions, build_lineage, composition, roots, text_tree
-from .render import render_html, to_graphml, to_json, to_mermaid
+from .graph import DIRECTIONS, CrawlOptions, build_lineage, composition_text, roots, text_tree
+from .render import render_html
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", type=Path, help="write networkx node-link JSON")
     parser.add_argument("--html", type=Path, help="write the interactive pyvis page")
     parser.add_argument("--graphml", type=Path)
-    parser.add_argument("--mermaid", type=Path)
+    parser.add_argument("--mermaid", type=Path, help="write a Mermaid flowchart")
+    parser.add_argument("--svg", type=Path, help="write an SVG picture (for a model card)")
     parser.add_argument("--color-by", choices=("relation", "license"), default="relation")
     parser.add_argument("--physics", action="store_true", help="force layout instead of the hierarchy")
     parser.add_argument("--snapshot", type=Path, help="read Hub data from this snapshot, not the network")
@@ -66,8 +68,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for cycle in cycles:
         print("  " + " -> ".join(cycle + cycle[:1]))
     print("roots: " + ", ".join(roots(graph)))
-    shares = composition(graph)
-    print("composition: " + ", ".join(f"{share:.0%} {root}" for root, share in shares.items()))
+    print("composition: " + composition_text(graph))
     if graph.graph["truncated"]:
         cut = sorted(n for n, reason in graph.nodes(data="cut") if reason)
         print(f"cut short at: {', '.join(cut)} (raise --depth or --max-nodes)")
@@ -79,6 +80,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         to_graphml(graph, args.graphml)
     if args.mermaid:
         args.mermaid.write_text(to_mermaid(graph))
+    if args.svg:
+        args.svg.write_text(to_svg(graph, color_by=args.color_by))
     if recorder:
         recorder.save(args.save_snapshot, target=args.model_id)
     return 0

@@ -8,6 +8,7 @@ pool of concurrent requests, visits each repo once (so cycles end), and marks wh
 
 from __future__ import annotations
 
+import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Optional
@@ -15,7 +16,7 @@ from typing import Optional
 import networkx as nx
 
 from .fetch import RELATIONS, ModelRecord, RecordSource
-from .parse import ParentLink, _config_links, _numeric, parse_record
+from .parse import ParentLink, ParsedRecord, _config_links, _numeric, parse_record
 
 DIRECTIONS = ("up", "down", "both")
 
@@ -34,7 +35,16 @@ class CrawlOptions:
             raise ValueError("depth must be >= 0, max_nodes and concurrency >= 1")
 
 
-def _node_attrs(record: ModelRecord, generation: int, card_status: str, notes: list[str]) -> dict:
+def own_relation(parsed: Optional[ParsedRecord]) -> str:
+    """How a model relates to its parents by its own evidence, whatever the crawl drew: the first
+    link's relation (links come ranked by their evidence), `root` with no parent, `unknown`
+    where nothing could be read."""
+    if parsed is None:
+        return "unknown"
+    return next(iter(parsed.links.values())).relation if parsed.links else "root"
+
+
+def _node_attrs(record: ModelRecord, generation: int, parsed: Optional[ParsedRecord]) -> dict:
     info = record.info
     card = info.get("cardData") or {}
     license_ = card.get("license") if isinstance(card, dict) else None
@@ -45,7 +55,8 @@ def _node_attrs(record: ModelRecord, generation: int, card_status: str, notes: l
         "status": record.status, "detail": record.detail, "license": str(license_) if license_ else "",
         "downloads": int(info.get("downloads") or 0), "likes": int(info.get("likes") or 0),
         "tags": [t for t in info.get("tags", []) if isinstance(t, str)], "generation": generation,
-        "card_status": card_status, "notes": list(notes),
+        "card_status": parsed.card_status if parsed else "none", "notes": list(parsed.notes) if parsed else [],
+        "relation": own_relation(parsed),
     }
 
 
@@ -67,10 +78,7 @@ def build_lineage(model_id: str, source: RecordSource, options: CrawlOptions = C
                 parsed[record.id] = parse_record(record) if record.status in ("ok", "gated", "private") else None
 
     def add_node(node_id: str, generation: int) -> None:
-        result = parsed.get(node_id)
-        graph.add_node(node_id, **_node_attrs(records[node_id], generation,
-                                              result.card_status if result else "none",
-                                              result.notes if result else []))
+        graph.add_node(node_id, **_node_attrs(records[node_id], generation, parsed.get(node_id)))
 
     def room() -> bool:
         return graph.number_of_nodes() < options.max_nodes
@@ -153,11 +161,11 @@ def merge_preview(config: dict, child: str) -> nx.DiGraph:
     """The family a merge config would create: its parents and the planned child, one hop."""
     graph = nx.DiGraph(target=child, direction="up", depth=1, max_nodes=0, truncated=False, notes=[], cycles=[])
     graph.add_node(child, status="ok", detail="planned merge", license="", downloads=0, likes=0, tags=[],
-                   generation=0, card_status="none", notes=["the merge this config describes"])
+                   generation=0, card_status="none", notes=["the merge this config describes"], relation="merge")
     for parent, params in _config_links(config, keep_local=True):
         if parent not in graph:
             graph.add_node(parent, status="ok", detail="", license="", downloads=0, likes=0, tags=[],
-                           generation=-1, card_status="none", notes=[])
+                           generation=-1, card_status="none", notes=[], relation="unknown")
         data = graph.get_edge_data(parent, child) or {"relation": "merge", "sources": ["mergekit_config"]}
         graph.add_edge(parent, child, **{**params, **data})
     return graph
@@ -224,6 +232,23 @@ def composition(graph: nx.DiGraph, target: Optional[str] = None) -> dict[str, fl
 
     shares = share(target, frozenset())
     return dict(sorted(shares.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def percentages(shares: dict[str, float]) -> dict[str, int]:
+    """Whole percentages that add up to 100 (largest remainders round up), in the shares' order."""
+    if not shares:
+        return {}
+    total = sum(shares.values()) or 1.0
+    exact = {k: 100 * v / total for k, v in shares.items()}
+    result = {k: math.floor(v) for k, v in exact.items()}
+    for k in sorted(exact, key=lambda k: (result[k] - exact[k], k))[:100 - sum(result.values())]:
+        result[k] += 1
+    return result
+
+
+def composition_text(graph: nx.DiGraph) -> str:
+    """`50% a, 25% b, ...`: the target's ancestry composition, in whole percentages adding up to 100."""
+    return ", ".join(f"{share}% {root}" for root, share in percentages(composition(graph)).items())
 
 
 def text_tree(graph: nx.DiGraph) -> str:

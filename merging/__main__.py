@@ -12,6 +12,7 @@ import os
 import re
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -67,14 +68,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     token = os.environ.get("HF_TOKEN") or None
     previous = signal.signal(signal.SIGTERM, _terminate)
 
+    started = time.perf_counter()
+
     def report(event: MergeEvent) -> None:
+        nonlocal started
         if args.quiet:
             return
         if event.is_progress:
-            print(f"\r[{event.done}/{event.total}] {event.message[:60]:<60}",
-                  end="" if event.done < event.total else "\n", file=sys.stderr)
+            line = event.describe(time.perf_counter() - started)
+            print(f"\r{line[:110]:<110}", end="" if event.done < event.total else "\n", file=sys.stderr)
         else:
             print(event.message, file=sys.stderr)
+            started = time.perf_counter()
 
     try:
         config = load_config(args.config)

@@ -97,6 +97,7 @@ class MergeConfig:
     chat_template: Optional[str]
     text: str  # the YAML as the user wrote it, embedded in the model card
     warnings: tuple[str, ...] = ()  # legitimate but unusual values, for the log and the card
+    mapping: dict = field(default_factory=dict, compare=False, repr=False)  # the YAML as read, validated
 
     def model_entries(self) -> tuple[ModelEntry, ...]:
         """A `models:` merge's entries, with the base added when the list leaves it out (as mergekit does)."""
@@ -331,7 +332,7 @@ def parse_config(text: str, *, base_dir: Optional[Path] = None,
         tokenizer_source=tokenizer_source, chat_template=chat_template, text=text,
     )
     _check_input_counts(config)
-    return dataclasses.replace(config, warnings=tuple(_unusual_values(config)))
+    return dataclasses.replace(config, warnings=tuple(_unusual_values(config)), mapping=raw)
 
 
 def _scopes(config: MergeConfig) -> Iterator[tuple[str, dict[str, Setting]]]:

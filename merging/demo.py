@@ -100,3 +100,22 @@ parameters:
   normalize: true
 dtype: float32
 """
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m merging.demo DIR``: write the tiny models and their TIES config (DIR/demo.yml),
+    so ``python -m merging DIR/demo.yml OUT`` runs a merge with no network."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m merging.demo", description=main.__doc__.splitlines()[0])
+    parser.add_argument("directory", type=Path, help="where the tiny models and demo.yml go")
+    args = parser.parse_args(argv)
+    args.directory.mkdir(parents=True, exist_ok=True)
+    config = args.directory / "demo.yml"
+    config.write_text(demo_config(args.directory / "models"))
+    print(config)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,13 +28,19 @@ log = logging.getLogger("mergeline")
 class MergeEvent:
     """Something a merge reports while it runs: a log line, or progress through its tensors."""
 
-    message: str
+    message: str  # on progress events, the tensor just written
     done: Optional[int] = None  # tensors written so far, on progress events
     total: Optional[int] = None
+    written: int = 0  # bytes written so far, on progress events
 
     @property
     def is_progress(self) -> bool:
         return self.done is not None
+
+    def describe(self, seconds: float) -> str:
+        """A progress line: `[120/291] <tensor>: 1.23 GB in 12.3 s (100 MB/s)`."""
+        rate = f" ({size_text(self.written / seconds)}/s)" if seconds > 0.05 else ""
+        return f"[{self.done}/{self.total}] {self.message}: {size_text(self.written)} in {seconds:.1f} s{rate}"
 
 
 EventFn = Callable[[MergeEvent], None]
@@ -187,11 +192,12 @@ def fetch_inputs(plan: MergePlan, *, token: hub.Token = None, cache_dir: Optiona
         nbytes = sum(source.file_sizes.get(f, 0) for f in files)
         say(MergeEvent(f"downloading {source.ref}: {len(files)} weight file{'s' * (len(files) != 1)}, "
                        f"{size_text(nbytes)}"))
-        started = time.perf_counter()
-        fetch_model(source, files, token=token, cache_dir=cache_dir)
-        elapsed = time.perf_counter() - started
-        say(MergeEvent(f"downloaded {source.ref} in {elapsed:.1f} s"
-                       + (f" ({size_text(nbytes / elapsed)}/s)" if elapsed > 0.5 and nbytes else "")))
+
+        def arrived(name: str, size: int, seconds: float, ref: ModelRef = source.ref) -> None:
+            rate = f", {size_text(size / seconds)}/s" if seconds > 0.5 and size else ""
+            say(MergeEvent(f"  {ref}: {name} ({size_text(size)}) in {seconds:.1f} s{rate}"))
+
+        fetch_model(source, files, token=token, cache_dir=cache_dir, on_file=arrived)
     for source in {id(m): m for m in (plan.reference, plan.tokenizer_from)}.values():
         if source.local_dir is None:  # config and tokenizer files of a model no tensor is read from
             fetch_model(source, set(), token=token, cache_dir=cache_dir)
@@ -215,8 +221,15 @@ def run_merge(config: MergeConfig, output_dir: Path, *, options: MergeOptions = 
     check_disk(plan, output_dir, cache_dir)
     fetch_inputs(plan, token=token, cache_dir=cache_dir, on_event=say)
     say(MergeEvent("merging tensor by tensor"))
-    return execute_plan(plan, output_dir, options,
-                        progress=lambda done, total, name: say(MergeEvent(name, done, total)))
+    sizes = {tensor.name: tensor.out.nbytes for tensor in plan.tensors}
+    written = 0
+
+    def progress(done: int, total: int, name: str) -> None:
+        nonlocal written
+        written += sizes[name]
+        say(MergeEvent(name, done, total, written))
+
+    return execute_plan(plan, output_dir, options, progress=progress)
 
 
 def enforce_limits(config: MergeConfig, limits: HostedLimits, plan: Optional[MergePlan] = None) -> None:

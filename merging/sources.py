@@ -10,9 +10,11 @@ from __future__ import annotations
 import errno
 import json
 import re
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -208,28 +210,41 @@ def _inspect_hub_model(ref: ModelRef, *, token: hub.Token, allow_pickle: bool,
                        str(license_) if license_ else None, None, pickled, info.sha)
 
 
+FileFn = Callable[[str, int, float], None]  # (file name, bytes, seconds) as each weight file arrives
+
+
 def fetch_model(source: ModelSource, weight_files: set[str], *, token: hub.Token = None,
-                cache_dir: Optional[Path] = None) -> None:
-    """Download the given weight files plus config/tokenizer files, then re-read exact headers."""
+                cache_dir: Optional[Path] = None, on_file: Optional[FileFn] = None) -> None:
+    """Download the given weight files plus config/tokenizer files, then re-read exact headers.
+
+    Weight files come one request each, a few side by side, each retried on its own, and
+    `on_file` hears of each as it lands (a 7B model's shards take minutes: worth watching)."""
     if source.ref.local:
         return
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import hf_hub_download, snapshot_download
     from huggingface_hub.errors import HfHubHTTPError
 
-    patterns = sorted(weight_files | set(SIDE_FILES))
-    if source.pickled:  # headers come from the files themselves
-        patterns = sorted(set(source.file_sizes) | set(SIDE_FILES))
+    revision = source.commit or source.ref.revision
+    weights = sorted(set(source.file_sizes) if source.pickled else weight_files)  # pickles: headers need them all
+
+    def download(name: str) -> None:
+        started = time.perf_counter()
+        hub.call(lambda: hf_hub_download(source.ref.path, name, revision=revision, cache_dir=cache_dir, token=token),
+                 f"{source.ref}: downloading {name}")
+        if on_file is not None:
+            on_file(name, source.file_sizes.get(name, 0), time.perf_counter() - started)
+
     try:
-        path = hub.call(lambda: snapshot_download(source.ref.path, revision=source.commit or source.ref.revision,
-                                                  allow_patterns=patterns, cache_dir=cache_dir, token=token),
-                        f"{source.ref}: download")
+        path = hub.call(lambda: snapshot_download(source.ref.path, revision=revision, allow_patterns=list(SIDE_FILES),
+                                                  cache_dir=cache_dir, token=token), f"{source.ref}: download")
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            list(pool.map(download, weights))
     except (HfHubHTTPError, OSError) as exc:
         raise _hub_error(source.ref, exc) from None
     root = Path(path)
-    # snapshot_download falls back to whatever is cached when the Hub's file listing fails,
-    # so check that every weight file we need really arrived.
-    missing = sorted(f for f in (set(source.file_sizes) if source.pickled else weight_files)
-                     if not (root / f).is_file())
+    # Downloads fall back to whatever is cached when the Hub cannot be asked, so check that every
+    # weight file we need really arrived.
+    missing = [f for f in weights if not (root / f).is_file()]
     if missing:
         raise MergeError(f"{source.ref}: download incomplete, missing {', '.join(missing[:3])}; check the "
                          f"connection and the token, then retry")

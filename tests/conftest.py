@@ -90,9 +90,11 @@ def mergeline_app(app_settings):
 
 @pytest.fixture(scope="module")
 def app_url(mergeline_app):
+    from app import launch
+
     demo = mergeline_app.blocks()
     port = _free_port()
-    demo.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    launch(demo, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
     yield f"http://127.0.0.1:{port}/"
     demo.close()
 

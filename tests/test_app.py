@@ -43,13 +43,13 @@ def test_merge_error_is_one_line_and_leaves_no_job(client, app_settings):
 
 
 def test_lineage_on_the_offline_demo(client):
-    graph, nodes, cycles, shares, files = client.predict("mlabonne/NeuralBeagle14-7B", "both", 8, True, "",
+    graph, nodes, cycles, shares, files = client.predict("mlabonne/NeuralBeagle14-7B", "both", 8, True, "relation", "",
                                                          api_name="/lineage")
     assert graph.startswith("<iframe srcdoc=") and "vis.Network" in graph.replace("&quot;", '"')
     ids = [row[0] for row in nodes["data"]]
     assert "mlabonne/Beagle14-7B" in ids and "leveldevai/TurdusBeagle-7B" in ids
     assert "50% fblgit/UNA-TheBeagle-7b-v1" in shares
-    assert sorted(Path(f).suffix for f in files) == [".graphml", ".html", ".json"]
+    assert sorted(Path(f).suffix for f in files) == [".graphml", ".html", ".json", ".mmd", ".svg"]
 
 
 def test_lineage_on_the_hub(client, hub, tmp_path):
@@ -60,7 +60,7 @@ def test_lineage_on_the_hub(client, hub, tmp_path):
         (root / repo_id / "README.md").write_text(card)
         hub.add_repo(repo_id, root / repo_id, card_data={"base_model": "fam/base"} if "child" in repo_id else
                      {"license": "mit"})
-    graph, nodes, cycles, shares, files = client.predict("fam/child", "up", 2, False, "", api_name="/lineage")
+    graph, nodes, cycles, shares, files = client.predict("fam/child", "up", 2, False, "relation", "", api_name="/lineage")
     assert [row[0] for row in nodes["data"]] == ["fam/base", "fam/child"]
     assert "100% fam/base" in shares and "No cycles" in cycles
 
