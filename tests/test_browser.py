@@ -71,6 +71,7 @@ def test_demo_merge_and_lineage_in_the_browser(browser, app_url, shots):
     page.wait_for_timeout(300)
     # the log shows its last line ("Done") without scrolling
     assert log.evaluate("t => t.scrollHeight - t.scrollTop - t.clientHeight <= 4")
+    page.screenshot(path=str(shots / "merge-tab-merged.png"), full_page=True)
 
     # a failed action replaces what the last one showed
     page.locator("#merge-log").scroll_into_view_if_needed()
