@@ -264,7 +264,7 @@ class MergelineApp:
         """Crawl a model's family: the graph, a table of its models, cycles, composition and exports."""
         model_id = (model_id or "").strip()
         if not model_id:
-            return LineageView(error_html(ValueError("model id: enter a Hub model id such as org/name")))
+            return LineageView(error_html(lineage.LineageError("model id: enter a Hub model id such as org/name")))
         try:
             options = lineage.CrawlOptions(direction=direction, depth=int(depth))
             if use_demo:
@@ -275,11 +275,11 @@ class MergelineApp:
                                            cache=lineage.DiskCache(lineage.default_cache_dir()))
             graph = lineage.build_lineage(model_id, source, options)
             if graph.nodes[model_id]["status"] == "missing":
-                raise ValueError(f"model id: {model_id} is not in the offline snapshot, which holds only the family "
-                                 f"of {DEMO_LINEAGE}; untick the offline demo to ask the Hub" if use_demo else
-                                 f"model id: {model_id} is not on the Hub (or it is private: paste a token that can "
-                                 f"read it)")
-        except (ValueError, MergeError) as exc:
+                where = (f"the offline snapshot, which holds only the family of {DEMO_LINEAGE}; untick the offline "
+                         f"demo to ask the Hub" if use_demo else "the Hub (or it is private: paste a token that can "
+                         "read it)")
+                raise lineage.LineageError(f"model id: {model_id} is not in {where}")
+        except (lineage.LineageError, MergeError) as exc:
             return LineageView(error_html(exc))
         rows = [[node, data.get("relation", ""), data.get("license") or "unknown", data.get("downloads", 0),
                  data.get("generation", 0), data["status"] + (f", cut: {data['cut']}" if data.get("cut") else "")]

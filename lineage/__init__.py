@@ -6,7 +6,15 @@ evidence) -> `graph` (crawl, cycles, roots, composition) -> `render` (the intera
 """
 
 from .export import to_graphml, to_json, to_mermaid, to_svg
-from .fetch import DiskCache, HubSource, ModelRecord, RecordingSource, SnapshotSource, default_cache_dir
+from .fetch import (
+    DiskCache,
+    HubSource,
+    LineageError,
+    ModelRecord,
+    RecordingSource,
+    SnapshotSource,
+    default_cache_dir,
+)
 from .graph import (
     CrawlOptions,
     build_lineage,
@@ -23,7 +31,8 @@ from .parse import parse_record
 from .render import embed, render_html
 
 __all__ = [
-    "CrawlOptions", "DiskCache", "HubSource", "ModelRecord", "RecordingSource", "SnapshotSource", "build_lineage",
+    "CrawlOptions", "DiskCache", "HubSource", "LineageError", "ModelRecord", "RecordingSource", "SnapshotSource",
+    "build_lineage",
     "composition", "composition_text", "default_cache_dir", "embed", "find_cycles", "license_family",
     "merge_preview", "parse_record", "percentages", "render_html", "roots", "text_tree", "to_graphml", "to_json",
     "to_mermaid", "to_svg",

@@ -13,7 +13,7 @@ from merging.errors import HubError
 from merging.hub import repo_id_problem
 
 from .export import to_graphml, to_json, to_mermaid, to_svg
-from .fetch import DiskCache, HubSource, RecordingSource, SnapshotSource, default_cache_dir
+from .fetch import DiskCache, HubSource, LineageError, RecordingSource, SnapshotSource, default_cache_dir
 from .graph import DIRECTIONS, CrawlOptions, build_lineage, composition_text, roots, text_tree
 from .render import render_html
 
@@ -44,7 +44,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         problem = repo_id_problem(args.model_id)
         if problem or "/" not in args.model_id:
-            raise ValueError(f"MODEL_ID: {args.model_id[:80]!r} is not a Hub model id like 'org/name'"
+            raise LineageError(f"MODEL_ID: {args.model_id[:80]!r} is not a Hub model id like 'org/name'"
                              + (f" ({problem})" if problem else ""))
         options = CrawlOptions(args.direction, args.depth, args.max_nodes, args.concurrency)
         if args.snapshot:
@@ -58,8 +58,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if target["status"] == "missing":
             where = (f"the snapshot {args.snapshot}, which holds only the family of {source.target}"
                      if isinstance(source, SnapshotSource) else "the Hub (or it is private: set HF_TOKEN)")
-            raise ValueError(f"MODEL_ID: {args.model_id} is not in {where}")
-    except (ValueError, OSError, HubError) as exc:
+            raise LineageError(f"MODEL_ID: {args.model_id} is not in {where}")
+    except (LineageError, HubError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(text_tree(graph))

@@ -36,6 +36,11 @@ MAX_TEXT_BYTES = 2 * 2**20
 T = TypeVar("T")
 
 
+class LineageError(ValueError):
+    """A problem the user can fix (an option, a snapshot file, a model id): one line that names it.
+    Hub outages arrive as `merging.errors.HubError`."""
+
+
 @dataclass
 class ModelRecord:
     id: str
@@ -228,9 +233,13 @@ class SnapshotSource:
     """Records from a saved snapshot; anything the snapshot lacks is `missing`."""
 
     def __init__(self, path: Path):
-        data = json.loads(Path(path).read_text())
-        if data.get("version") != SNAPSHOT_VERSION:
-            raise ValueError(f"{path}: not a mergeline lineage snapshot (version {data.get('version')!r})")
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as exc:
+            raise LineageError(f"SNAPSHOT: cannot read {path} ({getattr(exc, 'strerror', None) or exc})") from None
+        if not isinstance(data, dict) or data.get("version") != SNAPSHOT_VERSION:
+            version = data.get("version") if isinstance(data, dict) else None
+            raise LineageError(f"SNAPSHOT: {path} is not a mergeline lineage snapshot (version {version!r})")
         self.records = {k: ModelRecord.from_dict(v) for k, v in data["records"].items()}
         self.child_lists: dict[str, list[str]] = data.get("children", {})
         self.target: Optional[str] = data.get("target")

@@ -15,7 +15,7 @@ from typing import Optional
 
 import networkx as nx
 
-from .fetch import RELATIONS, ModelRecord, RecordSource
+from .fetch import RELATIONS, LineageError, ModelRecord, RecordSource
 from .parse import ParentLink, ParsedRecord, _config_links, _numeric, parse_record
 
 DIRECTIONS = ("up", "down", "both")
@@ -30,9 +30,9 @@ class CrawlOptions:
 
     def __post_init__(self) -> None:
         if self.direction not in DIRECTIONS:
-            raise ValueError(f"direction must be one of {', '.join(DIRECTIONS)}, got {self.direction!r}")
+            raise LineageError(f"direction must be one of {', '.join(DIRECTIONS)}, got {self.direction!r}")
         if self.depth < 0 or self.max_nodes < 1 or self.concurrency < 1:
-            raise ValueError("depth must be >= 0, max_nodes and concurrency >= 1")
+            raise LineageError("depth must be >= 0, max_nodes and concurrency >= 1")
 
 
 def own_relation(parsed: Optional[ParsedRecord]) -> str:
