@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--direction", choices=DIRECTIONS, default="up", help="ancestors, descendants or both")
     parser.add_argument("--depth", type=int, default=4, help="hops from the model")
     parser.add_argument("--max-nodes", type=int, default=150)
-    parser.add_argument("--concurrency", type=int, default=8, help="Hub requests in flight")
+    parser.add_argument("--concurrency", type=int, default=16, help="Hub requests in flight")
     parser.add_argument("--json", type=Path, help="write networkx node-link JSON")
     parser.add_argument("--html", type=Path, help="write the interactive pyvis page")
     parser.add_argument("--graphml", type=Path)

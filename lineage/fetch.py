@@ -16,9 +16,9 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Protocol, TypeVar
@@ -63,7 +63,8 @@ def child_tag(model_id: str, relation: Optional[str] = None) -> str:
 class RecordSource(Protocol):
     def record(self, model_id: str) -> ModelRecord: ...
 
-    def children(self, model_id: str, relation: Optional[str] = None) -> list[str]: ...
+    def children(self, model_id: str) -> list[tuple[str, Optional[str]]]:
+        """(child, relation or None) for each model the Hub lists as made from `model_id`."""
 
 
 _INFO_FIELDS = ["cardData", "tags", "downloads", "likes", "gated", "private", "siblings", "baseModels",
@@ -109,16 +110,14 @@ class HubSource:
     """
 
     def __init__(self, token: hub.Token = None, cache: Optional[DiskCache] = None,
-                 hub_cache_dir: Optional[Path] = None, sleep: Callable[[float], None] = time.sleep):
+                 sleep: Callable[[float], None] = time.sleep):
         from huggingface_hub import HfApi
 
         self._api = HfApi(token=token)
+        self._token = token
         self._scope = f"{hub.endpoint()}|{_token_scope(token)}"
         self._cache = cache
-        if hub_cache_dir is None:  # files a token let us read stay out of the shared Hub cache
-            self._own_cache = tempfile.TemporaryDirectory(prefix="mergeline-lineage-")
-            hub_cache_dir = Path(self._own_cache.name)
-        self._hub_cache_dir = hub_cache_dir
+        self._files = ThreadPoolExecutor(max_workers=16, thread_name_prefix="lineage-files")
         self._sleep = sleep
         self._memory: dict[str, object] = {}
         self._lock = threading.Lock()
@@ -150,13 +149,7 @@ class HubSource:
         return ModelRecord.from_dict(data)
 
     def _fetch_record(self, model_id: str) -> ModelRecord:
-        from huggingface_hub.errors import (
-            EntryNotFoundError,
-            GatedRepoError,
-            HfHubHTTPError,
-            HFValidationError,
-            RepositoryNotFoundError,
-        )
+        from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, HFValidationError, RepositoryNotFoundError
 
         try:
             response = self._hub(lambda: self._api.model_info(model_id, expand=_INFO_FIELDS), f"{model_id}: model info")
@@ -172,39 +165,62 @@ class HubSource:
         record = ModelRecord(model_id, "private" if info.get("private") else "ok", info)
         siblings = {s["rfilename"] for s in info.get("siblings", [])}
         wanted = [name for name in ("README.md", *CONFIG_FILES) if name in siblings]
-        for name in wanted:
-            try:
-                path = self._hub(lambda name=name: self._api.hf_hub_download(
-                    model_id, name, revision=info.get("sha"), cache_dir=self._hub_cache_dir), f"{model_id}: {name}")
-                text = _read_text(Path(path))
-            except GatedRepoError:
+        # The files the metadata says exist, side by side: a model costs two round trips, not 2 + 2 per file.
+        texts = list(self._files.map(lambda name: self._read_file(model_id, name, info.get("sha")), wanted))
+        for name, text in zip(wanted, texts):
+            if isinstance(text, GatedRepoError):
                 record.status, record.detail = "gated", "gated: accept the terms on the Hub and pass a token"
+                record.card, record.files = None, {}
                 break
-            except HubUnreachable:
-                raise
-            except (EntryNotFoundError, HfHubHTTPError, HubError, OSError) as exc:
-                record.detail = f"{name}: {type(exc).__name__}"
-                continue
-            if name == "README.md":
+            if isinstance(text, Exception):
+                record.detail = f"{name}: {type(text).__name__}"
+            elif name == "README.md":
                 record.card = text
             else:
                 record.files[name] = text
         return record
 
-    def children(self, model_id: str, relation: Optional[str] = None) -> list[str]:
-        tag = child_tag(model_id, relation)
+    def _read_file(self, model_id: str, name: str, revision: Optional[str]):
+        """A card or config's text (at most MAX_TEXT_BYTES) in one GET, or the error that refused it.
+        Nothing is written to disk, so what a token let us read stays in this process."""
+        from huggingface_hub import hf_hub_url
+        from huggingface_hub.errors import HfHubHTTPError
+        from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
 
-        def fetch() -> list[str]:
-            return self._hub(lambda: [m.id for m in self._api.list_models(filter=tag, limit=1000)],
+        url = hf_hub_url(model_id, name, revision=revision)
+
+        def get() -> str:
+            with get_session().stream("GET", url, headers=build_hf_headers(token=self._token),
+                                      follow_redirects=True) as response:
+                hf_raise_for_status(response)
+                data = b""
+                for chunk in response.iter_bytes():
+                    data += chunk
+                    if len(data) >= MAX_TEXT_BYTES:
+                        break
+            return data[:MAX_TEXT_BYTES].decode("utf-8", errors="replace")
+
+        try:
+            return self._hub(get, f"{model_id}: {name}")
+        except HubUnreachable:
+            raise
+        except (HfHubHTTPError, HubError, OSError) as exc:
+            return exc
+
+    def children(self, model_id: str) -> list[tuple[str, Optional[str]]]:
+        """(child, relation or None) for every model the Hub lists as made from `model_id`: one
+        listing, the relation read off each child's `base_model:<relation>:<id>` tag."""
+        tag = child_tag(model_id)
+
+        def relation_of(tags: list[str]) -> Optional[str]:
+            return next((r for r in RELATIONS if child_tag(model_id, r) in tags), None)
+
+        def fetch() -> list[list]:
+            return self._hub(lambda: [[m.id, relation_of(list(m.tags or []))]
+                                      for m in self._api.list_models(filter=tag, limit=1000)],
                              f"{model_id}: listing children")
 
-        return list(self._cached(f"children:{tag}", fetch, lambda _: True))
-
-
-def _read_text(path: Path) -> str:
-    """A card or config as text, at most MAX_TEXT_BYTES of it: what lineage reads is near the top."""
-    with open(path, "rb") as f:
-        return f.read(MAX_TEXT_BYTES).decode("utf-8", errors="replace")
+        return [(child, relation) for child, relation in self._cached(f"children:{tag}", fetch, lambda _: True)]
 
 
 def _token_scope(token: hub.Token) -> str:
@@ -247,9 +263,11 @@ class SnapshotSource:
     def record(self, model_id: str) -> ModelRecord:
         return self.records.get(model_id) or ModelRecord(model_id, "missing", detail="not in the snapshot")
 
-    def children(self, model_id: str, relation: Optional[str] = None) -> list[str]:
-        tag = child_tag(model_id, relation)
-        return list(self.child_lists.get(tag, []))
+    def children(self, model_id: str) -> list[tuple[str, Optional[str]]]:
+        by_relation = {child: relation for relation in RELATIONS
+                       for child in self.child_lists.get(child_tag(model_id, relation), [])}
+        listed = self.child_lists.get(child_tag(model_id), [])
+        return [(child, by_relation.get(child)) for child in dict.fromkeys([*listed, *by_relation])]
 
 
 class RecordingSource:
@@ -267,11 +285,12 @@ class RecordingSource:
             self.records[model_id] = record
         return record
 
-    def children(self, model_id: str, relation: Optional[str] = None) -> list[str]:
-        found = self.inner.children(model_id, relation)
-        tag = child_tag(model_id, relation)
-        with self._lock:
-            self.child_lists[tag] = list(found)
+    def children(self, model_id: str) -> list[tuple[str, Optional[str]]]:
+        found = self.inner.children(model_id)
+        with self._lock:  # in the Hub's own form: a list per tag
+            self.child_lists[child_tag(model_id)] = [child for child, _ in found]
+            for relation in {r for _, r in found} - {None}:
+                self.child_lists[child_tag(model_id, relation)] = [c for c, r in found if r == relation]
         return found
 
     def save(self, path: Path, target: Optional[str] = None) -> None:

@@ -9,13 +9,13 @@ pool of concurrent requests, visits each repo once (so cycles end), and marks wh
 from __future__ import annotations
 
 import math
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Optional
 
 import networkx as nx
 
-from .fetch import RELATIONS, LineageError, ModelRecord, RecordSource
+from .fetch import LineageError, ModelRecord, RecordSource
 from .parse import ParentLink, ParsedRecord, _config_links, _numeric, parse_record
 
 DIRECTIONS = ("up", "down", "both")
@@ -26,7 +26,7 @@ class CrawlOptions:
     direction: str = "up"
     depth: int = 4
     max_nodes: int = 150
-    concurrency: int = 8
+    concurrency: int = 16
 
     def __post_init__(self) -> None:
         if self.direction not in DIRECTIONS:
@@ -64,89 +64,142 @@ def _edge_attrs(link: ParentLink) -> dict:
     return {"relation": link.relation, "sources": sorted(link.sources), **link.params}
 
 
+class _Discovery:
+    """The crawl's first half: records and child lists streamed in as fast as the Hub answers.
+
+    A model's parents are requested the moment its own record is parsed, and a model's children
+    the moment it is reached, up to `concurrency` requests in flight, with no barrier between
+    generations: the crawl takes about as long as its deepest chain of requests. Distances keep
+    the shortest hop count seen; a model reached again by a shorter path is expanded from there.
+    """
+
+    def __init__(self, source: RecordSource, options: CrawlOptions):
+        self.source, self.options = source, options
+        self.records: dict[str, ModelRecord] = {}
+        self.parsed: dict[str, Optional[ParsedRecord]] = {}
+        self.children: dict[str, list[tuple[str, Optional[str]]]] = {}
+        self.up: dict[str, int] = {}  # hops to the target, walking from child to parent
+        self.down: dict[str, int] = {}  # hops from the target, walking from parent to child
+        self._requested: set[tuple[str, str]] = set()
+        self._records_requested = 0
+        self._pending: dict[Future, tuple[str, str]] = {}  # in flight: (record | children, model)
+        self._pool = ThreadPoolExecutor(max_workers=options.concurrency, thread_name_prefix="lineage")
+
+    def run(self, target: str) -> None:
+        try:
+            if self.options.direction in ("up", "both"):
+                self._reach(self.up, target, 0)
+            if self.options.direction in ("down", "both"):
+                self._reach(self.down, target, 0)
+            while self._pending:
+                finished, _ = wait(self._pending, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    kind, node = self._pending.pop(future)
+                    if kind == "record":
+                        self._record_arrived(node, future.result())
+                    else:
+                        self._children_arrived(node, future.result())
+        finally:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _request(self, kind: str, node: str) -> None:
+        if (kind, node) in self._requested:
+            return
+        if kind == "record":
+            if self._records_requested >= 2 * self.options.max_nodes:
+                return  # far past what the graph will hold: no more requests
+            self._records_requested += 1
+        self._requested.add((kind, node))
+        call = self._fetch_record if kind == "record" else self.source.children
+        self._pending[self._pool.submit(call, node)] = (kind, node)
+
+    def _fetch_record(self, node: str) -> tuple[ModelRecord, Optional[ParsedRecord]]:
+        """A record and its evidence, parsed on the worker: the crawl's own thread only schedules."""
+        record = self.source.record(node)
+        return record, parse_record(record) if record.status in ("ok", "gated", "private") else None
+
+    def _reach(self, distances: dict[str, int], node: str, hops: int) -> None:
+        if distances.get(node, math.inf) <= hops:
+            return
+        distances[node] = hops
+        self._request("record", node)
+        if distances is self.down and hops <= self.options.depth:
+            self._request("children", node)  # at the depth too: to know whether the crawl cut there
+        self._expand(node)
+
+    def _expand(self, node: str) -> None:
+        """Reach `node`'s parents and children one hop further, as far as what arrived allows."""
+        if node in self.up and self.up[node] < self.options.depth and self.parsed.get(node):
+            for parent in self.parsed[node].links:
+                self._reach(self.up, parent, self.up[node] + 1)
+        if node in self.down and self.down[node] < self.options.depth:
+            for child, _ in self.children.get(node, ()):
+                if child.lower() != node.lower():
+                    self._reach(self.down, child, self.down[node] + 1)
+
+    def _record_arrived(self, node: str, found: tuple[ModelRecord, Optional[ParsedRecord]]) -> None:
+        self.records[node], self.parsed[node] = found
+        self._expand(node)
+
+    def _children_arrived(self, node: str, children: list[tuple[str, Optional[str]]]) -> None:
+        self.children[node] = children
+        self._expand(node)
+
+
 def build_lineage(model_id: str, source: RecordSource, options: CrawlOptions = CrawlOptions()) -> nx.DiGraph:
+    """The family of `model_id` as a graph: a streamed crawl (`_Discovery`), then the graph built
+    from what arrived in a fixed order (nearest models first, then by id), so the same records
+    always give the same graph."""
+    found = _Discovery(source, options)
+    found.run(model_id)
     graph = nx.DiGraph(target=model_id, direction=options.direction, depth=options.depth,
                        max_nodes=options.max_nodes, truncated=False, notes=[])
-    records: dict[str, ModelRecord] = {}
-    parsed = {}
-
-    def fetch_all(ids: list[str]) -> None:
-        todo = [i for i in dict.fromkeys(ids) if i not in records]
-        with ThreadPoolExecutor(max_workers=options.concurrency) as pool:
-            for record in pool.map(source.record, todo):
-                records[record.id] = record
-                parsed[record.id] = parse_record(record) if record.status in ("ok", "gated", "private") else None
-
-    def add_node(node_id: str, generation: int) -> None:
-        graph.add_node(node_id, **_node_attrs(records[node_id], generation, parsed.get(node_id)))
-
-    def room() -> bool:
-        return graph.number_of_nodes() < options.max_nodes
 
     def cut(node_id: str, reason: str) -> None:
-        graph.nodes[node_id]["cut"] = reason
+        graph.nodes[node_id].setdefault("cut", reason)
         graph.graph["truncated"] = True
 
-    fetch_all([model_id])
-    add_node(model_id, 0)
-    up = [model_id] if options.direction in ("up", "both") else []
-    down = [model_id] if options.direction in ("down", "both") else []
+    def distance(node: str) -> tuple[int, int]:
+        up, down = found.up.get(node, math.inf), found.down.get(node, math.inf)
+        return (up, 0) if up <= down else (down, 1)
 
-    for hop in range(1, options.depth + 2):
-        # Ancestors: parents named by each frontier node's evidence.
-        wanted: dict[str, list[tuple[str, ParentLink]]] = {}
-        for child in up:
-            for link in (parsed[child].links.values() if parsed.get(child) else ()):
-                wanted.setdefault(link.parent, []).append((child, link))
-        # Descendants: children the Hub lists under each frontier node, by any relation.
-        found: dict[str, list[tuple[str, str]]] = {}
-        if down:
-            queries = [(parent, relation) for parent in down for relation in (None, *RELATIONS)]
-            with ThreadPoolExecutor(max_workers=options.concurrency) as pool:
-                answers = list(pool.map(lambda q: source.children(*q), queries))
-            for (parent, relation), children in zip(queries, answers):
-                for child in children:
-                    if child.lower() == parent.lower():  # a card naming itself: dropped, as its own parse does
-                        _note(graph, parent, f"self-reference to {child} in hub_children dropped")
-                        continue
-                    found.setdefault(child, []).append((parent, relation or "unknown"))
-        if hop > options.depth:
-            for node in {c for c, _ in sum(wanted.values(), [])} | {p for p, _ in sum(found.values(), [])}:
-                cut(node, "depth")
-            break
-        fetch_all([p for p in wanted if p not in graph] + [c for c in found if c not in graph])
-        next_up, next_down = [], []
-        for parent, children in wanted.items():
-            exists = records[parent].status != "missing"
-            for child, link in children:
-                if link.needs_check and not exists:
-                    continue  # a tag that is not a repo id
-                if parent not in graph:
-                    if not room():
-                        cut(child, "max_nodes")
-                        continue
-                    add_node(parent, -hop)
-                    next_up.append(parent)
+    def exists(node: str) -> bool:
+        return node in found.records and found.records[node].status != "missing"
+
+    def real(link: ParentLink) -> bool:
+        return not link.needs_check or exists(link.parent)  # parents named only by tags must be repos
+
+    named = {link.parent for parsed in found.parsed.values() if parsed for link in parsed.links.values() if real(link)}
+    candidates = {n for n in found.records if n == model_id or n in found.down or n in named}
+    ordered = sorted(candidates, key=lambda n: (n != model_id, distance(n)[0], n))
+    for node in ordered[:options.max_nodes]:
+        hops, side = distance(node)
+        graph.add_node(node, **_node_attrs(found.records[node], -hops if side == 0 else hops, found.parsed.get(node)))
+
+    for child in list(graph):  # ancestors' links, as each child's own evidence names them
+        parsed = found.parsed.get(child)
+        for parent, link in (parsed.links.items() if parsed else ()):
+            if not real(link):
+                continue
+            if parent in graph:
                 graph.add_edge(parent, child, **_edge_attrs(link))
-        for child, parents in found.items():
-            for parent, relation in parents:
-                if child not in graph:
-                    if not room():
-                        cut(parent, "max_nodes")
-                        continue
-                    add_node(child, hop)
-                    next_down.append(child)
-                own = parsed[child].links.get(parent) if parsed.get(child) else None
-                attrs = _edge_attrs(own) if own else {"relation": relation, "sources": []}
-                if not own and relation != "unknown":
-                    attrs["relation"] = relation
-                existing = graph.get_edge_data(parent, child, {})
-                sources = set(existing.get("sources", [])) | set(attrs["sources"]) | {"hub_children"}
-                graph.add_edge(parent, child, **{**attrs, **{k: v for k, v in existing.items() if k != "sources"},
-                                                 "sources": sorted(sources)})
-        up, down = next_up, next_down
-        if not up and not down:
-            break
+            elif child in found.up:
+                cut(child, "depth" if found.up[child] >= options.depth else "max_nodes")
+    for parent in list(graph):  # descendants, as the Hub lists them
+        for child, relation in found.children.get(parent, ()):
+            if child.lower() == parent.lower():  # a card naming itself: dropped, as its own parse does
+                _note(graph, parent, f"self-reference to {child} in hub_children dropped")
+                continue
+            if child not in graph:
+                if parent in found.down:
+                    cut(parent, "depth" if found.down[parent] >= options.depth else "max_nodes")
+                continue
+            existing = graph.get_edge_data(parent, child)
+            own = found.parsed[child].links.get(parent) if found.parsed.get(child) else None
+            if existing is None:
+                existing = _edge_attrs(own) if own else {"relation": relation or "unknown", "sources": []}
+            existing["sources"] = sorted(set(existing.get("sources", [])) | {"hub_children"})
+            graph.add_edge(parent, child, **existing)
     graph.graph["cycles"] = find_cycles(graph)
     return graph
 

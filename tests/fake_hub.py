@@ -12,8 +12,10 @@ import base64
 import hashlib
 import json
 import re
+import socket
 import tempfile
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -50,6 +52,9 @@ class FakeHub:
         self.token: Optional[str] = None  # when set, private and gated repos need it
         self.write_tokens: dict[str, str] = {}  # token -> user name allowed to create and upload
         self.fail_commits = 0  # how many coming commits to reject (HTTP 400, which clients do not retry)
+        self.latency = 0.0  # seconds each answer waits, as a remote Hub's round trip would
+        self.in_flight = self.peak_in_flight = 0
+        self._lock = threading.Lock()
         self.upload_root = Path(tempfile.mkdtemp(prefix="fake-hub-uploads-"))
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
@@ -87,6 +92,33 @@ class FakeHub:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+
+            def setup(self) -> None:
+                super().setup()
+                # Headers and body go out in two sends: without this, Nagle's algorithm and the
+                # client's delayed ACK add ~40 ms to every keep-alive request.
+                self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+            def parse_request(self) -> bool:
+                """A request has arrived: count it in flight, and wait out the latency before answering."""
+                parsed = super().parse_request()
+                if parsed:
+                    with hub._lock:
+                        hub.in_flight += 1
+                        hub.peak_in_flight = max(hub.peak_in_flight, hub.in_flight)
+                    self._counted = True
+                    if hub.latency:
+                        time.sleep(hub.latency)
+                return parsed
+
+            def handle_one_request(self) -> None:
+                self._counted = False
+                try:
+                    super().handle_one_request()
+                finally:
+                    if self._counted:
+                        with hub._lock:
+                            hub.in_flight -= 1
 
             def log_message(self, *args) -> None:  # keep test output clean
                 pass

@@ -56,3 +56,12 @@ def test_the_memory_estimate_follows_the_streaming_engine(method, measured_gb, t
     paths = {name: _declared_model(tmp_path / name, 4) for name in merge_bench.MODELS}
     plan = plan_merge(parse_config(merge_bench.config_for(method, paths, 4)))
     assert measured_gb <= peak_memory(plan, workers=2) / 1e9 <= measured_gb + 0.4
+
+
+def test_lineage_bench_finds_the_whole_family_and_reads_it_again_from_the_cache(capsys):
+    import lineage_bench
+
+    assert lineage_bench.main(["--size", "20", "--generations", "4", "--latency", "0"]) == 0
+    report = dict(line.split(": ", 1) for line in capsys.readouterr().out.splitlines())
+    assert report["found"] == report["models"] and int(report["requests"]) == 2 * int(report["models"])
+    assert report["cached_requests"] == "0" and report["same_graph"] == "True"

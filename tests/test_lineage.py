@@ -116,8 +116,8 @@ def family(hub, tmp_path_factory):
     return REPOS
 
 
-def crawl(model_id: str, hub_cache_dir=None, **options) -> nx.DiGraph:
-    source = HubSource(sleep=lambda s: None, hub_cache_dir=hub_cache_dir)
+def crawl(model_id: str, **options) -> nx.DiGraph:
+    source = HubSource(sleep=lambda s: None)
     return build_lineage(model_id, source, CrawlOptions(**options))
 
 
@@ -200,10 +200,10 @@ def test_lora_and_revision_references(family):
 
 
 def test_injected_429s_give_the_fault_free_result(hub, family, tmp_path):
-    clean = to_json(crawl("org/merge2", depth=5, hub_cache_dir=tmp_path / "a"))
+    clean = to_json(crawl("org/merge2", depth=5))
     hub.faults[r"^/api/models/org/merge1"] = [429, 429, 503]
     hub.faults[r"/org/ft-c/resolve/"] = [429]
-    faulty = to_json(crawl("org/merge2", depth=5, hub_cache_dir=tmp_path / "b"))
+    faulty = to_json(crawl("org/merge2", depth=5))
     assert hub.faults[r"^/api/models/org/merge1"] == [] and hub.faults[r"/org/ft-c/resolve/"] == []
     assert faulty == clean
 
@@ -255,6 +255,24 @@ def test_disk_cache_makes_a_second_look_instant(hub, family, tmp_path):
     hub.requests.clear()
     second = to_json(build_lineage("org/merge2", HubSource(cache=cache), CrawlOptions(depth=5)))
     assert second == first and hub.requests == []
+
+
+def test_the_disk_cache_is_kept_apart_per_token_and_two_requests_read_a_model(hub, family, tmp_path):
+    cache = DiskCache(tmp_path / "cache")
+    build_lineage("org/merge2", HubSource(token=False, cache=cache), CrawlOptions(depth=5))
+    models = [p for m, p in hub.requests if m == "GET" and p.startswith("/api/models/")]
+    files = [p for m, p in hub.requests if m == "GET" and "/resolve/" in p]
+    assert len(models) == len(set(models)) and len(files) == len(set(files))  # each asked once: info, then files
+    hub.requests.clear()
+    build_lineage("org/merge2", HubSource(token="hf_someone_else", cache=cache), CrawlOptions(depth=5))
+    assert hub.requests  # another token's scope: nothing read from the anonymous entries
+    assert not any("hf_someone_else" in path.read_text() for path in (tmp_path / "cache").iterdir())
+
+
+def test_descendants_take_one_listing_per_model(hub, family):
+    graph = crawl("org/base", direction="down", depth=2)
+    listings = [p for m, p in hub.requests if p == "/api/models"]
+    assert len(listings) == sum(1 for n, g in graph.nodes(data="generation") if g <= 2)
 
 
 def test_snapshot_round_trip_and_cli(family, tmp_path, capsys):
