@@ -149,8 +149,12 @@ class HubSource:
         return ModelRecord.from_dict(data)
 
     def _fetch_record(self, model_id: str) -> ModelRecord:
+        """Metadata (one request, `expand`ed to the fields lineage reads) and, alongside it, the
+        card: nearly every repo has one, so asking at once saves a round trip per generation.
+        Config files are asked for once the metadata says they exist."""
         from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, HFValidationError, RepositoryNotFoundError
 
+        card = self._files.submit(self._read_file, model_id, "README.md", None)
         try:
             response = self._hub(lambda: self._api.model_info(model_id, expand=_INFO_FIELDS), f"{model_id}: model info")
         except RepositoryNotFoundError:
@@ -164,14 +168,18 @@ class HubSource:
         info = _info_dict(response)
         record = ModelRecord(model_id, "private" if info.get("private") else "ok", info)
         siblings = {s["rfilename"] for s in info.get("siblings", [])}
-        wanted = [name for name in ("README.md", *CONFIG_FILES) if name in siblings]
-        # The files the metadata says exist, side by side: a model costs two round trips, not 2 + 2 per file.
-        texts = list(self._files.map(lambda name: self._read_file(model_id, name, info.get("sha")), wanted))
-        for name, text in zip(wanted, texts):
+        configs = [name for name in CONFIG_FILES if name in siblings]
+        texts = dict(zip(configs, self._files.map(lambda name: self._read_file(model_id, name, info.get("sha")),
+                                                  configs)))
+        if "README.md" in siblings:
+            texts = {"README.md": card.result(), **texts}
+        for name, text in texts.items():
             if isinstance(text, GatedRepoError):
                 record.status, record.detail = "gated", "gated: accept the terms on the Hub and pass a token"
                 record.card, record.files = None, {}
                 break
+            if isinstance(text, HubUnreachable):
+                raise text
             if isinstance(text, Exception):
                 record.detail = f"{name}: {type(text).__name__}"
             elif name == "README.md":
@@ -202,9 +210,7 @@ class HubSource:
 
         try:
             return self._hub(get, f"{model_id}: {name}")
-        except HubUnreachable:
-            raise
-        except (HfHubHTTPError, HubError, OSError) as exc:
+        except (HfHubHTTPError, HubError, OSError) as exc:  # the caller decides what each one means
             return exc
 
     def children(self, model_id: str) -> list[tuple[str, Optional[str]]]:
