@@ -176,7 +176,8 @@ class MergelineApp:
             return ValidateView(report=error_markdown(exc))
         finally:
             shutil.rmtree(cache, ignore_errors=True)
-        report = "\n".join(f"- {line}" for line in summarize(plan).lines())
+        licenses = {str(model.ref): model.license for model in plan.models}
+        report = "\n".join(f"- {line}" for line in [*summarize(plan).lines(), lineage.required_license(licenses)])
         return ValidateView(f"**The config is valid.**\n\n{report}",
                             lineage.embed(lineage.merge_preview(config.mapping, "(this merge)")))
 
@@ -281,8 +282,9 @@ class MergelineApp:
                 raise lineage.LineageError(f"model id: {model_id} is not in {where}")
         except (lineage.LineageError, MergeError) as exc:
             return LineageView(error_html(exc))
-        rows = [[node, data.get("relation", ""), data.get("license") or "unknown", data.get("downloads", 0),
-                 data.get("generation", 0), data["status"] + (f", cut: {data['cut']}" if data.get("cut") else "")]
+        rows = [[node, data.get("relation", ""), data.get("license") or "unknown", lineage.conflict_text(data),
+                 data.get("downloads", 0), data.get("generation", 0),
+                 data["status"] + (f", cut: {data['cut']}" if data.get("cut") else "")]
                 for node, data in sorted(graph.nodes(data=True), key=lambda item: (item[1]["generation"], item[0]))]
         cycles = graph.graph["cycles"]
         cycles_md = ("**Cycles:** " + "; ".join(" -> ".join(c + c[:1]) for c in cycles)) if cycles else "No cycles."
@@ -360,7 +362,8 @@ class MergelineApp:
                 graph_html = gr.HTML(elem_id="lineage-graph")
                 cycles = gr.Markdown(elem_id="lineage-cycles")
                 shares = gr.Markdown(elem_id="lineage-composition")
-                nodes = gr.Dataframe(headers=["id", "relation", "license", "downloads", "generation", "status"],
+                nodes = gr.Dataframe(headers=["id", "relation", "license", "license check", "downloads", "generation",
+                                              "status"],
                                      label="Models", interactive=False, wrap=False, elem_id="lineage-models")
                 exports = gr.File(label="Downloads (HTML, JSON, GraphML, Mermaid, SVG)", file_count="multiple")
                 inputs = [model_id, direction, depth, use_demo, color_by, lineage_token]

@@ -26,14 +26,13 @@ from .graph import (
     roots,
     text_tree,
 )
-from .licenses import license_family
+from .licenses import check_licenses, conflict_text, license_family, required_license
 from .parse import parse_record
 from .render import embed, render_html
 
 __all__ = [
     "CrawlOptions", "DiskCache", "HubSource", "LineageError", "ModelRecord", "RecordingSource", "SnapshotSource",
-    "build_lineage",
-    "composition", "composition_text", "default_cache_dir", "embed", "find_cycles", "license_family",
-    "merge_preview", "parse_record", "percentages", "render_html", "roots", "text_tree", "to_graphml", "to_json",
-    "to_mermaid", "to_svg",
+    "build_lineage", "check_licenses", "composition", "composition_text", "conflict_text", "default_cache_dir",
+    "embed", "find_cycles", "license_family", "merge_preview", "parse_record", "percentages", "render_html",
+    "required_license", "roots", "text_tree", "to_graphml", "to_json", "to_mermaid", "to_svg",
 ]

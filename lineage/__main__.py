@@ -15,6 +15,7 @@ from merging.hub import repo_id_problem
 from .export import to_graphml, to_json, to_mermaid, to_svg
 from .fetch import DiskCache, HubSource, LineageError, RecordingSource, SnapshotSource, default_cache_dir
 from .graph import DIRECTIONS, CrawlOptions, build_lineage, composition_text, roots, text_tree
+from .licenses import conflict_text
 from .render import render_html
 
 
@@ -69,6 +70,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("  " + " -> ".join(cycle + cycle[:1]))
     print("roots: " + ", ".join(roots(graph)))
     print("composition: " + composition_text(graph))
+    conflicts = sorted(n for n, conflict in graph.nodes(data="license_conflict") if conflict)
+    print(f"license conflicts: {len(conflicts)}")
+    for node in conflicts:
+        print(f"  {node}: {conflict_text(graph.nodes[node])}")
     if graph.graph["truncated"]:
         cut = sorted(n for n, reason in graph.nodes(data="cut") if reason)
         print(f"cut short at: {', '.join(cut)} (raise --depth or --max-nodes)")

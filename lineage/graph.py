@@ -16,6 +16,7 @@ from typing import Optional
 import networkx as nx
 
 from .fetch import LineageError, ModelRecord, RecordSource
+from .licenses import check_licenses
 from .parse import ParentLink, ParsedRecord, _config_links, _numeric, parse_record
 
 DIRECTIONS = ("up", "down", "both")
@@ -201,6 +202,7 @@ def build_lineage(model_id: str, source: RecordSource, options: CrawlOptions = C
             existing["sources"] = sorted(set(existing.get("sources", [])) | {"hub_children"})
             graph.add_edge(parent, child, **existing)
     graph.graph["cycles"] = find_cycles(graph)
+    check_licenses(graph)
     return graph
 
 

@@ -21,12 +21,14 @@ from pathlib import Path
 
 import networkx as nx
 
-from .licenses import license_family
+from .licenses import conflict_text, license_family
 
 # Mid-tone colours that read on a white and on a near-black page alike.
 RELATION_COLORS = {"root": "#e67e22", "merge": "#9b59b6", "finetune": "#3498db", "adapter": "#1abc9c",
                    "quantized": "#95a5a6", "unknown": "#7f8c8d"}
-LICENSE_COLORS = {"permissive": "#27ae60", "custom": "#f39c12", "non-commercial": "#e74c3c", "unknown": "#95a5a6"}
+LICENSE_COLORS = {"permissive": "#27ae60", "copyleft": "#2e86c1", "custom": "#f39c12", "non-commercial": "#e74c3c",
+                  "unknown": "#95a5a6"}
+CONFLICT_BORDER = "#e74c3c"
 STATUS_SHAPES = {"ok": "dot", "missing": "diamond", "gated": "square", "private": "square", "error": "triangle"}
 TARGET_BORDER = "#f1c40f"
 LEVEL_SEPARATION = 120
@@ -65,6 +67,8 @@ def node_title(node: str, data: dict) -> str:
             ("tags", ", ".join(data.get("tags", [])[:12]))]
     if data.get("cut"):
         rows.append(("crawl stopped here", data["cut"]))
+    if data.get("license_conflict"):
+        rows.append(("license conflict", conflict_text(data)))
     rows += [("note", n) for n in data.get("notes", [])]
     return "\n".join([node] + [f"{k}: {v}" for k, v in rows if v not in ("", None)])
 
@@ -87,10 +91,12 @@ def build_network(graph: nx.DiGraph, *, color_by: str = "relation", physics: boo
     max_downloads = max([d.get("downloads", 0) for _, d in graph.nodes(data=True)] + [1])
     for node, data in graph.nodes(data=True):
         color = node_color(data, color_by)
+        conflict = bool(data.get("license_conflict"))
+        border = TARGET_BORDER if node == target else CONFLICT_BORDER if conflict else color
         size = 14 + 22 * math.log1p(data.get("downloads", 0)) / math.log1p(max_downloads)
-        net.add_node(node, label=node, title=node_title(node, data),
-                     color={"background": color, "border": TARGET_BORDER if node == target else color},
-                     borderWidth=5 if node == target else (3 if data.get("cut") else 1), size=size,
+        net.add_node(node, label=f"\u26a0 {node}" if conflict else node, title=node_title(node, data),
+                     color={"background": color, "border": border},
+                     borderWidth=5 if node == target or conflict else (3 if data.get("cut") else 1), size=size,
                      shapeProperties={"borderDashes": [6, 4] if data.get("cut") else False},
                      shape=STATUS_SHAPES.get(data.get("status"), "dot"),
                      level=data.get("generation", 0), url=f"https://huggingface.co/{node}")
@@ -173,7 +179,8 @@ def legend_items(color_by: str) -> list[tuple[str, str]]:
 def legend_html(color_by: str) -> str:
     items = "".join(f'<span><i style="background:{c}"></i>{html.escape(k)}</span>' for k, c in legend_items(color_by))
     return (items + "<span>&#9670; missing &#9632; gated/private &#9650; error</span>"
-            "<span>yellow outline: the model asked for; dashed: the crawl stopped there</span>")
+            "<span>yellow outline: the model asked for; dashed: the crawl stopped there; "
+            "&#9888; red outline: license more permissive than an ancestor's</span>")
 
 
 def render_html(graph: nx.DiGraph, *, color_by: str = "relation", physics: bool = False) -> str:

@@ -309,3 +309,42 @@ def test_demo_snapshot_is_the_neuralbeagle_family():
     assert graph.edges["mlabonne/Marcoro14-7B-slerp", "argilla/distilabeled-Marcoro14-7B-slerp"]["sources"] == ["reported"]
     assert ("mlabonne/NeuralBeagle14-7B", "leveldevai/TurdusBeagle-7B") in graph.edges
     assert composition(graph)["fblgit/UNA-TheBeagle-7b-v1"] == pytest.approx(0.5)
+
+
+def test_a_license_more_permissive_than_an_ancestors_is_flagged_everywhere(hub, tmp_path, capsys):
+    from lineage import conflict_text, required_license
+
+    cards = {"lic/nc-base": {"license": "cc-by-nc-4.0"}, "lic/llama-base": {"license": "llama3"},
+             "lic/ft": {"base_model": "lic/nc-base", "license": "cc-by-nc-4.0"},
+             "lic/merge": {"base_model": ["lic/ft", "lic/llama-base"], "license": "apache-2.0"},
+             "lic/child": {"base_model": "lic/merge", "license": "mit"}}
+    for repo_id, meta in cards.items():
+        (tmp_path / repo_id).mkdir(parents=True)
+        (tmp_path / repo_id / "README.md").write_text(f"---\n{yaml.safe_dump(meta)}---\n")
+        hub.add_repo(repo_id, tmp_path / repo_id, card_data=meta)
+    graph = crawl("lic/child", depth=4)
+    merge = graph.nodes["lic/merge"]
+    assert merge["license_family"] == "permissive"
+    assert merge["license_conflict"] == {"ancestor": "lic/ft", "ancestor_license": "cc-by-nc-4.0",
+                                         "path": ["lic/ft", "lic/merge"]}  # the nearest of the strictest
+    assert graph.nodes["lic/child"]["license_conflict"]["path"] == ["lic/ft", "lic/merge", "lic/child"]
+    assert "license_conflict" not in graph.nodes["lic/ft"]  # non-commercial like its base: no conflict
+    assert conflict_text(merge) == ("apache-2.0 (permissive) is more permissive than cc-by-nc-4.0 (non-commercial) "
+                                    "of ancestor lic/ft, via lic/ft -> lic/merge")
+    assert "\\u26a0 lic/merge" in render_html(graph) and "license conflict" in render_html(graph)
+    assert next(n for n in to_json(graph)["nodes"] if n["id"] == "lic/merge")["license_conflict"]["ancestor"] == "lic/ft"
+    to_graphml(graph, tmp_path / "g.graphml")
+    assert "license_conflict" in nx.read_graphml(tmp_path / "g.graphml").nodes["lic/merge"]
+
+    assert lineage_main(["lic/child", "--depth", "4", "--no-cache"]) == 0
+    out = capsys.readouterr().out
+    assert "license conflicts: 2" in out and "  lic/merge: apache-2.0 (permissive) is more permissive" in out
+    assert required_license({"a/x": "apache-2.0", "b/y": "llama3", "c/z": None}) == (
+        "license: the result must carry terms at least as restrictive as llama3 (custom, from b/y); unknown for c/z")
+
+
+def test_validate_says_which_license_a_merge_must_carry(mergeline_app):
+    from app import DEMO_EXAMPLE
+
+    report, _ = mergeline_app.validate(mergeline_app.example_config(DEMO_EXAMPLE))
+    assert "license: the result must carry terms at least as restrictive as apache-2.0 (permissive" in report
