@@ -260,14 +260,14 @@ class MergelineApp:
         return f"**Uploaded:** [{html.escape(url)}]({html.escape(url)})"
 
     def show_lineage(self, model_id: str, direction: str, depth: int, use_demo: bool, color_by: str = "relation",
-                     token_text: str = "", oauth_token: Optional[gr.OAuthToken] = None,
+                     verify: bool = False, token_text: str = "", oauth_token: Optional[gr.OAuthToken] = None,
                      request: Optional[gr.Request] = None) -> LineageView:
         """Crawl a model's family: the graph, a table of its models, cycles, composition and exports."""
         model_id = (model_id or "").strip()
         if not model_id:
             return LineageView(error_html(lineage.LineageError("model id: enter a Hub model id such as org/name")))
         try:
-            options = lineage.CrawlOptions(direction=direction, depth=int(depth))
+            options = lineage.CrawlOptions(direction=direction, depth=int(depth), verify_weights=verify)
             if use_demo:
                 from lineage.demo import DEMO_SNAPSHOT
                 source = lineage.SnapshotSource(DEMO_SNAPSHOT)
@@ -283,7 +283,7 @@ class MergelineApp:
         except (lineage.LineageError, MergeError) as exc:
             return LineageView(error_html(exc))
         rows = [[node, data.get("relation", ""), data.get("license") or "unknown", lineage.conflict_text(data),
-                 data.get("downloads", 0), data.get("generation", 0),
+                 weights_text(graph, node), data.get("downloads", 0), data.get("generation", 0),
                  data["status"] + (f", cut: {data['cut']}" if data.get("cut") else "")]
                 for node, data in sorted(graph.nodes(data=True), key=lambda item: (item[1]["generation"], item[0]))]
         cycles = graph.graph["cycles"]
@@ -356,17 +356,19 @@ class MergelineApp:
                     use_demo = gr.Checkbox(True, label="Offline demo snapshot (NeuralBeagle14-7B family)",
                                            elem_id="use-demo")
                     color_by = gr.Radio(["relation", "license"], value="relation", label="Colour by")
+                    verify = gr.Checkbox(False, label="Check parents against the weights (reads a few rows)",
+                                         elem_id="verify-weights")
                 lineage_token = gr.Textbox(label="Token for private or gated models (optional, never stored)",
                                            type="password", visible=False, elem_id="lineage-token")
                 lineage_button = gr.Button("Draw the family tree", variant="primary", elem_id="draw")
                 graph_html = gr.HTML(elem_id="lineage-graph")
                 cycles = gr.Markdown(elem_id="lineage-cycles")
                 shares = gr.Markdown(elem_id="lineage-composition")
-                nodes = gr.Dataframe(headers=["id", "relation", "license", "license check", "downloads", "generation",
-                                              "status"],
+                nodes = gr.Dataframe(headers=["id", "relation", "license", "license check", "parents by weights",
+                                              "downloads", "generation", "status"],
                                      label="Models", interactive=False, wrap=False, elem_id="lineage-models")
                 exports = gr.File(label="Downloads (HTML, JSON, GraphML, Mermaid, SVG)", file_count="multiple")
-                inputs = [model_id, direction, depth, use_demo, color_by, lineage_token]
+                inputs = [model_id, direction, depth, use_demo, color_by, verify, lineage_token]
                 outputs = [graph_html, nodes, cycles, shares, exports]
                 lineage_button.click(self.show_lineage, inputs, outputs, api_name="lineage", concurrency_limit=4)
                 use_demo.change(lambda demo_on: gr.update(visible=not demo_on), use_demo, lineage_token,
@@ -374,6 +376,15 @@ class MergelineApp:
                 demo.load(self.show_lineage, inputs, outputs, api_visibility="private")
             demo.unload(self.end_session)
         return demo
+
+
+def weights_text(graph, node: str) -> str:
+    """What the weights said of a model's parents (and whom they suggest), for the models table."""
+    parts = [f"{parent}: {verdict}" for parent, _, verdict in sorted(graph.in_edges(node, data="weights")) if verdict]
+    suggestion = graph.nodes[node].get("suggested_parent")
+    if suggestion:
+        parts.append(f"suggested parent {suggestion['id']} (cosine {suggestion['cosine']:.2f})")
+    return "; ".join(parts)
 
 
 def cleanup_job(job: Optional[dict]) -> None:

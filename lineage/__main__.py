@@ -37,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--snapshot", type=Path, help="read Hub data from this snapshot, not the network")
     parser.add_argument("--save-snapshot", type=Path, help="save what a live crawl read, for offline use")
     parser.add_argument("--no-cache", action="store_true", help="skip the on-disk cache")
+    parser.add_argument("--verify-weights", action="store_true",
+                        help="check each edge against a few sampled rows of both models' weights (range requests)")
     return parser
 
 
@@ -47,7 +49,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if problem or "/" not in args.model_id:
             raise LineageError(f"MODEL_ID: {args.model_id[:80]!r} is not a Hub model id like 'org/name'"
                              + (f" ({problem})" if problem else ""))
-        options = CrawlOptions(args.direction, args.depth, args.max_nodes, args.concurrency)
+        options = CrawlOptions(args.direction, args.depth, args.max_nodes, args.concurrency, args.verify_weights)
         if args.snapshot:
             source = SnapshotSource(args.snapshot)
         else:
@@ -70,6 +72,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("  " + " -> ".join(cycle + cycle[:1]))
     print("roots: " + ", ".join(roots(graph)))
     print("composition: " + composition_text(graph))
+    if graph.graph.get("weights_checked"):
+        verdicts = [(u, v, d) for u, v, d in graph.edges(data=True) if d.get("weights")]
+        print(f"weights: {len(verdicts)} edges checked")
+        for parent, child, data in sorted(verdicts, key=lambda e: (e[1], e[0])):
+            detail = data.get("weights_reason") or (f"cosine {data['weights_cosine']:.3f}" if "weights_cosine" in data
+                                                    else "")
+            print(f"  {parent} -> {child}: {data['weights']}" + (f" ({detail})" if detail else ""))
+        for node, suggestion in sorted(graph.nodes(data="suggested_parent")):
+            if suggestion:
+                print(f"  {node}: suggested parent {suggestion['id']} (cosine {suggestion['cosine']:.3f})")
     conflicts = sorted(n for n, conflict in graph.nodes(data="license_conflict") if conflict)
     print(f"license conflicts: {len(conflicts)}")
     for node in conflicts:

@@ -122,6 +122,10 @@ class HubSource:
         self._memory: dict[str, object] = {}
         self._lock = threading.Lock()
 
+    @property
+    def token(self) -> hub.Token:
+        return self._token
+
     def _cached(self, key: str, compute: Callable[[], T], shareable: Callable[[T], bool]) -> T:
         with self._lock:
             if key in self._memory:

@@ -28,6 +28,7 @@ class CrawlOptions:
     depth: int = 4
     max_nodes: int = 150
     concurrency: int = 16
+    verify_weights: bool = False  # check each edge against sampled rows of both models' weights (`weights`)
 
     def __post_init__(self) -> None:
         if self.direction not in DIRECTIONS:
@@ -203,6 +204,13 @@ def build_lineage(model_id: str, source: RecordSource, options: CrawlOptions = C
             graph.add_edge(parent, child, **existing)
     graph.graph["cycles"] = find_cycles(graph)
     check_licenses(graph)
+    if options.verify_weights:
+        if hasattr(source, "token"):
+            from .weights import verify_weights
+
+            verify_weights(graph, found.records, token=source.token)
+        else:
+            graph.graph["notes"].append("weights not checked: the records come from a snapshot, not the Hub")
     return graph
 
 

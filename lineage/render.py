@@ -29,6 +29,9 @@ RELATION_COLORS = {"root": "#e67e22", "merge": "#9b59b6", "finetune": "#3498db",
 LICENSE_COLORS = {"permissive": "#27ae60", "copyleft": "#2e86c1", "custom": "#f39c12", "non-commercial": "#e74c3c",
                   "unknown": "#95a5a6"}
 CONFLICT_BORDER = "#e74c3c"
+# Edge verdicts of `lineage.weights`: solid where the weights bear the card out, red where they do not.
+CONFIRMED = ("consistent", "verified merge")
+CONTRADICTED = ("unrelated", "config does not reproduce the weights")
 STATUS_SHAPES = {"ok": "dot", "missing": "diamond", "gated": "square", "private": "square", "error": "triangle"}
 TARGET_BORDER = "#f1c40f"
 LEVEL_SEPARATION = 120
@@ -69,13 +72,17 @@ def node_title(node: str, data: dict) -> str:
         rows.append(("crawl stopped here", data["cut"]))
     if data.get("license_conflict"):
         rows.append(("license conflict", conflict_text(data)))
+    if data.get("suggested_parent"):
+        rows.append(("suggested parent", f"{data['suggested_parent']['id']} (cosine "
+                                         f"{data['suggested_parent']['cosine']:.3f} on sampled weights)"))
     rows += [("note", n) for n in data.get("notes", [])]
     return "\n".join([node] + [f"{k}: {v}" for k, v in rows if v not in ("", None)])
 
 
 def edge_title(parent: str, child: str, data: dict) -> str:
     lines = [f"{parent} -> {child}", f"relation: {data.get('relation')}"]
-    for key in ("method", "role", "weight", "t", "density", "layer_range", "lora_of"):
+    for key in ("method", "role", "weight", "t", "density", "layer_range", "lora_of", "weights", "weights_cosine",
+                "weights_distance", "weights_reason"):
         if key in data:
             lines.append(f"{key}: {json.dumps(data[key]) if not isinstance(data[key], str) else data[key]}")
     lines.append(f"evidence: {', '.join(data.get('sources', []))}")
@@ -100,9 +107,14 @@ def build_network(graph: nx.DiGraph, *, color_by: str = "relation", physics: boo
                      shapeProperties={"borderDashes": [6, 4] if data.get("cut") else False},
                      shape=STATUS_SHAPES.get(data.get("status"), "dot"),
                      level=data.get("generation", 0), url=f"https://huggingface.co/{node}")
+    checked = graph.graph.get("weights_checked", False)
     for parent, child, data in graph.edges(data=True):
+        verdict = data.get("weights")
+        contradicted = verdict in CONTRADICTED
         net.add_edge(parent, child, title=edge_title(parent, child, data), arrows="to",
-                     color=RELATION_COLORS.get(data.get("relation"), RELATION_COLORS["unknown"]))
+                     dashes=checked and verdict not in CONFIRMED and not contradicted, width=3 if contradicted else 2,
+                     color=CONFLICT_BORDER if contradicted else
+                     RELATION_COLORS.get(data.get("relation"), RELATION_COLORS["unknown"]))
     options = {
         "layout": {"hierarchical": {"enabled": not physics, "direction": "UD", "sortMethod": "directed",
                                     "levelSeparation": LEVEL_SEPARATION, "nodeSpacing": 320}},
@@ -176,11 +188,13 @@ def legend_items(color_by: str) -> list[tuple[str, str]]:
     return list((LICENSE_COLORS if color_by == "license" else RELATION_COLORS).items())
 
 
-def legend_html(color_by: str) -> str:
+def legend_html(color_by: str, checked: bool = False) -> str:
     items = "".join(f'<span><i style="background:{c}"></i>{html.escape(k)}</span>' for k, c in legend_items(color_by))
     return (items + "<span>&#9670; missing &#9632; gated/private &#9650; error</span>"
             "<span>yellow outline: the model asked for; dashed: the crawl stopped there; "
-            "&#9888; red outline: license more permissive than an ancestor's</span>")
+            "&#9888; red outline: license more permissive than an ancestor's</span>"
+            + ("<span>edges: solid, the weights bear the card out; dashed, not checked or unknown; red, the "
+               "weights contradict it</span>" if checked else ""))
 
 
 def render_html(graph: nx.DiGraph, *, color_by: str = "relation", physics: bool = False) -> str:
@@ -189,7 +203,8 @@ def render_html(graph: nx.DiGraph, *, color_by: str = "relation", physics: bool 
     nodes, edges, _, _, _, options = net.get_network_data()
     js, css = _vis_assets()
     return _PAGE.format(title=html.escape(f"Lineage of {graph.graph.get('target', '')}"), css=css, js=js,
-                        min_height=graph_height(graph) // 2, legend_html=legend_html(color_by),
+                        min_height=graph_height(graph) // 2,
+                        legend_html=legend_html(color_by, graph.graph.get("weights_checked", False)),
                         nodes=_script_json(nodes), edges=_script_json(edges),
                         options=_script_json(json.loads(options)),
                         target=_script_json(graph.graph.get("target")))

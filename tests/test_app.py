@@ -43,7 +43,7 @@ def test_merge_error_is_one_line_and_leaves_no_job(client, app_settings):
 
 
 def test_lineage_on_the_offline_demo(client):
-    graph, nodes, cycles, shares, files = client.predict("mlabonne/NeuralBeagle14-7B", "both", 8, True, "relation", "",
+    graph, nodes, cycles, shares, files = client.predict("mlabonne/NeuralBeagle14-7B", "both", 8, True, "relation", False, "",
                                                          api_name="/lineage")
     assert graph.startswith("<iframe srcdoc=") and "vis.Network" in graph.replace("&quot;", '"')
     ids = [row[0] for row in nodes["data"]]
@@ -60,7 +60,7 @@ def test_lineage_on_the_hub(client, hub, tmp_path):
         (root / repo_id / "README.md").write_text(card)
         hub.add_repo(repo_id, root / repo_id, card_data={"base_model": "fam/base"} if "child" in repo_id else
                      {"license": "mit"})
-    graph, nodes, cycles, shares, files = client.predict("fam/child", "up", 2, False, "relation", "", api_name="/lineage")
+    graph, nodes, cycles, shares, files = client.predict("fam/child", "up", 2, False, "relation", False, "", api_name="/lineage")
     assert [row[0] for row in nodes["data"]] == ["fam/base", "fam/child"]
     assert "100% fam/base" in shares and "No cycles" in cycles
 

@@ -119,7 +119,7 @@ def test_both_tabs_read_in_every_scheme_and_screen(device, scheme, browser, app_
     # every column of the models table is there to scroll to, on a phone too
     viewport = page.locator("#lineage-models .virtual-table-viewport")
     assert viewport.evaluate("v => getComputedStyle(v).overflowX") == "auto"
-    assert page.locator("#lineage-models th").count() == 7
+    assert page.locator("#lineage-models th").count() == 8
     page.locator("#lineage-graph").scroll_into_view_if_needed()
     page.wait_for_timeout(300)
     page.screenshot(path=str(shots / f"lineage-tab-{device}-{scheme}.png"), full_page=True)

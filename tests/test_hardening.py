@@ -133,7 +133,7 @@ def test_hosted_requests_never_carry_the_spaces_token(hub_models, hub, tmp_path,
     assert not list((tmp_path / "hosted").rglob("config.json"))
 
     graph, rows, *_ = hosted.show_lineage("hard/gated", "up", 1, False)
-    assert {row[0]: row[5] for row in rows}["hard/gated"] == "gated"
+    assert {row[0]: row[-1] for row in rows}["hard/gated"] == "gated"
 
 
 @pytest.mark.parametrize("reference", ["/etc", "./models", "~/models", "../../x/y", "/tmp/x@main"])

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+from pathlib import Path
 
 import networkx as nx
 import pytest
@@ -348,3 +350,99 @@ def test_validate_says_which_license_a_merge_must_carry(mergeline_app):
 
     report, _ = mergeline_app.validate(mergeline_app.example_config(DEMO_EXAMPLE))
     assert "license: the result must carry terms at least as restrictive as apache-2.0 (permissive" in report
+
+
+@pytest.fixture(scope="module")
+def weighed_family(hub, llama, tmp_path_factory):
+    """Cards that tell the truth and cards that lie, over real (tiny) weights on the fake Hub."""
+    import torch
+    from tiny_models import Family
+
+    from merging import parse_config, run_merge
+
+    root = tmp_path_factory.mktemp("weighed")
+    stranger = Family(root / "stranger", "llama", layers=4, hidden=32)
+    stranger.base_state = {k: torch.randn_like(v) for k, v in stranger.base_state.items()}  # another model entirely
+    base, ft, ft2 = llama.base(), llama.finetune(31), llama.finetune(32)
+
+    def merged(name: str, text: str) -> Path:
+        out = root / name
+        run_merge(parse_config(text), out)
+        return out
+
+    linear = "merge_method: linear\nmodels:\n  - {{model: {a}, parameters: {{weight: {w}}}}}\n  - {{model: {b}, parameters: {{weight: {v}}}}}\n"
+    slerp = "merge_method: slerp\nbase_model: {a}\nmodels:\n  - {{model: {a}}}\n  - {{model: {b}}}\nparameters: {{t: 0.3}}\n"
+    repos = {
+        "w/base": (base, {}, ""),
+        "w/ft": (ft, {"base_model": "w/base"}, ""),
+        "w/liar": (stranger.base(), {"base_model": "w/base"}, ""),
+        "w/confused": (ft2, {"base_model": "w/liar"}, ""),  # made from w/base, names the stranger
+        "w/linear": (merged("linear", linear.format(a=base, b=ft, w=0.5, v=0.5)), {"base_model": ["w/base", "w/ft"]},
+                     linear.format(a="w/base", b="w/ft", w=0.5, v=0.5)),
+        "w/fibber": (merged("fibber", linear.format(a=base, b=ft, w=0.3, v=0.7)), {"base_model": ["w/base", "w/ft"]},
+                     linear.format(a="w/base", b="w/ft", w=0.5, v=0.5)),
+        "w/slerp": (merged("slerp", slerp.format(a=base, b=ft)), {"base_model": ["w/base", "w/ft"]},
+                    slerp.format(a="w/base", b="w/ft")),
+    }
+    for repo_id, (folder, meta, config) in repos.items():
+        copy = root / "hub" / repo_id
+        shutil.copytree(folder, copy)
+        card = (f"---\n{yaml.safe_dump(meta)}---\n" if meta else "# no metadata\n") + (f"```yaml\n{config}```\n" if config else "")
+        (copy / "README.md").write_text(card)
+        if config:  # as uploaded: the config names Hub repos, not the local folders it was merged from
+            (copy / "mergekit_config.yml").write_text(config)
+        hub.add_repo(repo_id, copy, card_data=meta)
+    return repos
+
+
+@pytest.mark.parametrize("target, edges_wanted", [
+    ("w/ft", {("w/base", "w/ft"): "consistent"}),
+    ("w/liar", {("w/base", "w/liar"): "unrelated"}),
+    ("w/linear", {("w/base", "w/linear"): "verified merge", ("w/ft", "w/linear"): "verified merge"}),
+    ("w/fibber", {("w/base", "w/fibber"): "config does not reproduce the weights"}),
+    ("w/slerp", {("w/base", "w/slerp"): "verified merge", ("w/ft", "w/slerp"): "verified merge"}),
+])
+def test_parents_are_checked_against_the_weights(target, edges_wanted, weighed_family, hub):
+    graph = crawl(target, depth=1, verify_weights=True)
+    for edge, verdict in edges_wanted.items():
+        assert graph.edges[edge]["weights"] == verdict, (edge, graph.edges[edge])
+    ranged = [p for m, p in hub.requests if p.endswith(" range")]
+    assert ranged and not [p for m, p in hub.requests if m == "GET" and p.endswith(".safetensors")]  # never whole files
+
+
+def test_a_model_whose_parent_does_not_hold_gets_a_suggestion(weighed_family):
+    graph = crawl("w/confused", depth=2, verify_weights=True)
+    assert graph.edges["w/liar", "w/confused"]["weights"] == "unrelated"
+    suggestion = graph.nodes["w/confused"]["suggested_parent"]
+    assert suggestion["id"] == "w/base" and suggestion["cosine"] >= 0.5
+    assert ("w/base", "w/confused") not in graph.edges  # a suggestion is an attribute, never an edge
+    assert "suggested_parent" not in graph.nodes["w/liar"]  # nothing in its graph is close to the stranger
+
+
+def test_weights_that_cannot_be_read_give_unknown_with_the_reason(weighed_family, hub, llama, tmp_path):
+    gated = tmp_path / "gated"
+    shutil.copytree(weighed_family["w/base"][0], gated)
+    hub.add_repo("w/gated-base", gated, gated=True)
+    child = tmp_path / "child"
+    shutil.copytree(weighed_family["w/ft"][0], child)
+    (child / "README.md").write_text("---\nbase_model: [w/gated-base, w/base]\n---\n")
+    (child / "model.safetensors").write_bytes((child / "model.safetensors").read_bytes()[:100])  # header cut short
+    hub.add_repo("w/broken", child, card_data={"base_model": ["w/gated-base", "w/base"]})
+    graph = crawl("w/broken", depth=1, verify_weights=True)
+    assert graph.edges["w/base", "w/broken"]["weights"] == "unknown"
+    assert "truncated or corrupt" in graph.edges["w/base", "w/broken"]["weights_reason"]
+
+    hub.faults[r"/w/ft/resolve/"] = [503] * 50  # the Hub keeps failing range requests for one model
+    graph = crawl("w/ft", depth=1, verify_weights=True)
+    assert graph.edges["w/base", "w/ft"]["weights"] == "unknown"
+    assert "headers unreadable" in graph.edges["w/base", "w/ft"]["weights_reason"]
+    hub.faults.clear()
+
+    hub.token = "hf_someone_with_access"  # the gated parent's files need a token we do not pass
+    (tmp_path / "gchild").mkdir()
+    shutil.copytree(weighed_family["w/ft"][0], tmp_path / "gchild", dirs_exist_ok=True)
+    (tmp_path / "gchild" / "README.md").write_text("---\nbase_model: w/gated-base\n---\n")
+    hub.add_repo("w/gated-child", tmp_path / "gchild", card_data={"base_model": "w/gated-base"})
+    graph = crawl("w/gated-child", depth=1, verify_weights=True)
+    assert graph.edges["w/gated-base", "w/gated-child"]["weights"] == "unknown"
+    assert graph.edges["w/gated-base", "w/gated-child"]["weights_reason"].startswith("gated")
