@@ -160,7 +160,7 @@ class HubSource:
 
         card = self._files.submit(self._read_file, model_id, "README.md", None)
         try:
-            response = self._hub(lambda: self._api.model_info(model_id, expand=_INFO_FIELDS), f"{model_id}: model info")
+            response = self._hub(lambda: self._model_info(model_id), f"{model_id}: model info")
         except RepositoryNotFoundError:
             return ModelRecord(model_id, "missing", detail="no such repo, or private")
         except HubUnreachable:
@@ -191,6 +191,18 @@ class HubSource:
             else:
                 record.files[name] = text
         return record
+
+    def _model_info(self, model_id: str) -> dict:
+        """The Hub's model-info JSON with only the fields lineage reads (`expand`): as the API
+        names them, without building huggingface_hub's ModelInfo, which costs more than the crawl's
+        own work per model."""
+        from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
+
+        response = get_session().get(f"{hub.endpoint()}/api/models/{model_id}",
+                                     params=[("expand", field) for field in _INFO_FIELDS],
+                                     headers=build_hf_headers(token=self._token))
+        hf_raise_for_status(response)
+        return response.json()
 
     def _read_file(self, model_id: str, name: str, revision: Optional[str]):
         """A card or config's text (at most MAX_TEXT_BYTES) in one GET, or the error that refused it.
@@ -243,15 +255,17 @@ def _token_scope(token: hub.Token) -> str:
     return "token-" + hashlib.sha256(str(token).encode()).hexdigest()[:16]
 
 
-def _info_dict(info) -> dict:
+def _info_dict(info: dict) -> dict:
     """The model-info fields lineage uses, JSON-ready, named as the Hub API names them."""
-    card = info.card_data.to_dict() if getattr(info, "card_data", None) is not None else None
-    siblings = [{"rfilename": s.rfilename} for s in (info.siblings or [])]
+    card = info.get("cardData")
     return {
-        "id": info.id, "sha": info.sha, "cardData": card, "tags": list(info.tags or []),
-        "downloads": info.downloads or 0, "likes": info.likes or 0, "gated": info.gated or False,
-        "private": bool(info.private), "siblings": siblings, "baseModels": getattr(info, "base_models", None),
-        "childrenModelCount": getattr(info, "children_model_count", None),
+        "id": info.get("id"), "sha": info.get("sha"), "cardData": card if isinstance(card, dict) else None,
+        "tags": [t for t in info.get("tags") or [] if isinstance(t, str)],
+        "downloads": info.get("downloads") or 0, "likes": info.get("likes") or 0, "gated": info.get("gated") or False,
+        "private": bool(info.get("private")),
+        "siblings": [{"rfilename": s["rfilename"]} for s in info.get("siblings") or []
+                     if isinstance(s, dict) and isinstance(s.get("rfilename"), str)],
+        "baseModels": info.get("baseModels"), "childrenModelCount": info.get("childrenModelCount"),
     }
 
 
