@@ -458,3 +458,40 @@ def test_unusual_values_merge_with_a_warning_in_the_log_and_the_card(llama, tmp_
     for warning in ("models[0].parameters.weight: -0.5 is outside the usual range [0, inf]",
                     "parameters.lambda: 1e+30 is outside the usual range [0, 10]"):
         assert warning in card and warning in caplog.text
+
+
+def test_with_the_hub_unreachable_every_action_of_the_space_says_so_in_one_line(tmp_path):
+    from gradio_client import Client
+
+    endpoint = closed_port_endpoint()
+    port = socket.socket()
+    port.bind(("127.0.0.1", 0))
+    number = port.getsockname()[1]
+    port.close()
+    env = {**os.environ, "HF_ENDPOINT": endpoint, "GRADIO_SERVER_PORT": str(number),
+           "GRADIO_SERVER_NAME": "127.0.0.1", "MERGELINE_WORKDIR": str(tmp_path / "work")}
+    server = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                client = Client(f"http://127.0.0.1:{number}/", verbose=False)
+                break
+            except Exception:  # noqa: BLE001 - not up yet
+                assert server.poll() is None and time.monotonic() < deadline, "the app did not start"
+                time.sleep(0.5)
+        unreachable = f"could not reach {endpoint}: connection refused"
+        hint = "Hub examples need the network, the offline demos work without"
+        report, preview = client.predict((ROOT / "examples" / "2-ties.yml").read_text(), api_name="/validate")
+        assert unreachable in report and hint in report and "\n" not in report and preview == ""
+        graph, *_ = client.predict("org/model", "up", 2, False, "relation", False, "", api_name="/lineage")
+        assert unreachable in graph and hint in graph and graph.count("<p") == 1
+        demo = MergelineApp(Settings(work_root=tmp_path / "work")).example_config(DEMO_EXAMPLE)
+        log, result, archive, name = client.predict(demo, api_name="/merge")
+        assert "Merged" in result  # the offline demo needs no network
+        message = client.predict(name, False, "hf_some_token", api_name="/upload")
+        assert unreachable in message and "\n" not in message
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
