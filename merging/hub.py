@@ -100,8 +100,11 @@ def _retry_after(exc: BaseException) -> Optional[float]:
     try:
         return max(0.0, float(header))
     except ValueError:
-        when = email.utils.parsedate_to_datetime(header) if header else None
-        return max(0.0, when.timestamp() - time.time()) if when is not None else None
+        pass
+    try:  # the other form Retry-After takes: an HTTP date
+        return max(0.0, email.utils.parsedate_to_datetime(header).timestamp() - time.time())
+    except (TypeError, ValueError):
+        return None
 
 
 def _transport_error(exc: BaseException) -> Optional[BaseException]:

@@ -495,3 +495,31 @@ def test_with_the_hub_unreachable_every_action_of_the_space_says_so_in_one_line(
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_retries_wait_as_retry_after_says_and_back_off_without_it():
+    from merging import hub
+
+    class Response:
+        def __init__(self, status: int, retry_after: str | None):
+            self.status_code, self.headers = status, ({"Retry-After": retry_after} if retry_after else {})
+
+    class Refused(Exception):
+        def __init__(self, status: int, retry_after: str | None = None):
+            super().__init__(f"HTTP {status}")
+            self.response = Response(status, retry_after)
+
+    answers = iter([Refused(429, "3"), Refused(503), Refused(503, "not a date"), "done"])
+    waited: list[float] = []
+
+    def request():
+        answer = next(answers)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    policy = hub.RetryPolicy(base_delay=0.5)
+    assert hub.call(request, "a request", retries=policy, sleep=waited.append) == "done"
+    assert 3 <= waited[0] < 3.2 and 1 <= waited[1] < 1.2 and 2 <= waited[2] < 2.2  # Retry-After, then 0.5 * 2**n
+    with pytest.raises(hub.HubError, match="^a request: the Hub at .* answered HTTP 502"):
+        hub.call(lambda: (_ for _ in ()).throw(Refused(502)), "a request", retries=policy, sleep=waited.append)
