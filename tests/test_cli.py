@@ -130,3 +130,19 @@ def test_workers_flag_changes_nothing_but_the_threads(paths, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main([str(config), str(tmp_path / "bad"), "--workers", "-1"])
     assert "not a number of threads" in capsys.readouterr().err
+
+
+def test_help_shows_defaults_without_loading_torch():
+    check = ("import sys, contextlib, io; from merging.__main__ import main; out = io.StringIO()\n"
+             "with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit): main(['--help'])\n"
+             "print('torch' in sys.modules, '(default: 5GB)' in out.getvalue())")
+    done = subprocess.run([sys.executable, "-c", check], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.stdout.split() == ["False", "True"], done.stderr
+
+
+def test_the_offline_demo_runs_from_the_command_line(tmp_path):
+    made = subprocess.run([sys.executable, "-m", "merging.demo", str(tmp_path / "demo")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert made.returncode == 0 and made.stdout.strip() == str(tmp_path / "demo" / "demo.yml")
+    done = cli(tmp_path / "demo" / "demo.yml", tmp_path / "out", "--quiet")
+    assert done.returncode == 0 and (tmp_path / "out" / "model.safetensors").is_file()

@@ -377,6 +377,9 @@ def weighed_family(hub, llama, tmp_path_factory):
         "w/ft": (ft, {"base_model": "w/base"}, ""),
         "w/liar": (stranger.base(), {"base_model": "w/base"}, ""),
         "w/confused": (ft2, {"base_model": "w/liar"}, ""),  # made from w/base, names the stranger
+        "w/undeclared": (llama.finetune(34), {}, ""),  # made from w/base, says nothing
+        "w/uses-undeclared": (merged("uses", linear.format(a=base, b=llama.finetune(34), w=0.5, v=0.5)),
+                              {"base_model": ["w/base", "w/undeclared"]}, ""),
         "w/linear": (merged("linear", linear.format(a=base, b=ft, w=0.5, v=0.5)), {"base_model": ["w/base", "w/ft"]},
                      linear.format(a="w/base", b="w/ft", w=0.5, v=0.5)),
         "w/fibber": (merged("fibber", linear.format(a=base, b=ft, w=0.3, v=0.7)), {"base_model": ["w/base", "w/ft"]},
@@ -417,6 +420,16 @@ def test_a_model_whose_parent_does_not_hold_gets_a_suggestion(weighed_family):
     assert suggestion["id"] == "w/base" and suggestion["cosine"] >= 0.5
     assert ("w/base", "w/confused") not in graph.edges  # a suggestion is an attribute, never an edge
     assert "suggested_parent" not in graph.nodes["w/liar"]  # nothing in its graph is close to the stranger
+    undeclared = crawl("w/uses-undeclared", depth=2, verify_weights=True).nodes["w/undeclared"]
+    assert undeclared["suggested_parent"]["id"] == "w/base"  # never its own descendant
+
+
+def test_composition_percentages_add_up_to_100():
+    from lineage import percentages
+
+    assert percentages({"a": 0.5, "b": 0.125, "c": 0.125, "d": 0.125, "e": 0.125}) == {
+        "a": 50, "b": 13, "c": 13, "d": 12, "e": 12}
+    assert sum(percentages({k: 1 / 7 for k in "abcdefg"}).values()) == 100
 
 
 def test_weights_that_cannot_be_read_give_unknown_with_the_reason(weighed_family, hub, llama, tmp_path):
