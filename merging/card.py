@@ -21,7 +21,8 @@ HUB = "https://huggingface.co"
 
 
 def _link(ref: ModelRef) -> str:
-    return f"[{ref.path}]({HUB}/{ref.path})" if ref.hub_id else f"`{ref.path}`"
+    own = f"[{ref.path}]({HUB}/{ref.path})" if ref.hub_id else f"`{ref.path}`"
+    return f"{own} + {_link(ref.adapter)}" if ref.adapter is not None else own
 
 
 def shared_license(licenses: list[Optional[str]]) -> Optional[str]:
@@ -33,7 +34,9 @@ def shared_license(licenses: list[Optional[str]]) -> Optional[str]:
 def render_card(plan: "MergePlan", title: Optional[str] = None) -> str:
     config = plan.config
     parents = [m.ref for m in plan.models]
-    hub_parents = [ref.path for ref in parents if ref.hub_id]
+    # a model with an adapter has two parents: the model and the adapter
+    hub_parents = list(dict.fromkeys(part.path for ref in parents for part in (ref.without_adapter, ref.adapter)
+                                     if part is not None and part.hub_id))
     license_ = shared_license([m.license for m in plan.models])
     meta: dict = {}
     if hub_parents:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence, Union
@@ -19,8 +18,8 @@ import yaml
 from . import untrusted_yaml
 from .chat_templates import BUILTIN as BUILTIN_CHAT_TEMPLATES
 from .errors import MergeError, did_you_mean
-from .hub import repo_id_problem
 from .methods import REGISTRY, BasePolicy, MergeMethod, Parameter
+from .refs import ModelRef, parse_model_ref, shown
 
 Scalar = Union[bool, int, float, str]
 # A parameter setting as written: a scalar, a gradient (list of scalars), or filtered entries.
@@ -40,22 +39,6 @@ _MODEL_KEYS = ("model", "parameters")
 _SLICE_KEYS = ("sources", "base_model", "parameters", "residual_weight")
 _SOURCE_KEYS = ("model", "layer_range", "parameters")
 FLOAT32_MAX = 3.4028234663852886e38  # merges compute in float32: a larger parameter overflows
-
-
-@dataclass(frozen=True)
-class ModelRef:
-    """A model as the config names it: a local directory or a Hub repo id, with an optional revision."""
-
-    path: str
-    revision: Optional[str] = None
-    local: bool = False
-
-    def __str__(self) -> str:
-        return f"{self.path}@{self.revision}" if self.revision else self.path
-
-    @property
-    def hub_id(self) -> Optional[str]:
-        return None if self.local else self.path
 
 
 @dataclass(frozen=True)
@@ -123,59 +106,6 @@ class MergeConfig:
         return list(seen)
 
 
-def _shown(value: Any, limit: int = 80) -> str:
-    """`value` as an error message quotes it, shortened past `limit` characters."""
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit] + f"... ({len(text):,} characters)"
-
-
-def _is_dir(path: Path) -> bool:
-    try:
-        return path.is_dir()
-    except OSError:  # a name too long for the file system, say: not a directory
-        return False
-
-
-def parse_model_ref(value: Any, where: str, base_dir: Optional[Path] = None,
-                    local_roots: Optional[Sequence[Path]] = None) -> ModelRef:
-    """A model reference. With `local_roots` (a shared deployment), only directories under those
-    roots are local models; anything else that is not a Hub repo id is refused without looking
-    at the file system, so an error never tells what exists on the server."""
-    if not isinstance(value, str) or not value.strip():
-        raise MergeError(f"{where}: expected a Hub repo id or a local directory, got {_shown(value)}")
-    text = value.strip()
-    if "+" in text:
-        raise MergeError(f"{where}: LoRA references ('model+lora') are not supported yet; merge the adapter into "
-                         f"the model first and reference the result")
-    path, _, revision = text.partition("@")
-    if _ and not revision:
-        raise MergeError(f"{where}: {_shown(text)} has an empty revision after '@'")
-    looks_like_path = path.startswith(("/", ".", "~")) or path.count("/") > 1 or os.sep != "/" and os.sep in path
-    if local_roots is not None:
-        if looks_like_path:
-            local = Path(path).resolve() if Path(path).is_absolute() else None
-            if local is None or not any(local.is_relative_to(root.resolve()) for root in local_roots) \
-                    or not _is_dir(local):
-                raise MergeError(f"{where}: local paths are not allowed here; use Hub repo ids like 'org/name'")
-            return ModelRef(str(local), None, local=True)
-    else:
-        local_path = Path(os.path.expanduser(path))
-        if base_dir is not None and not local_path.is_absolute():
-            local_path = base_dir / local_path
-        if _is_dir(local_path):
-            if revision:
-                raise MergeError(f"{where}: a revision ('@{revision}') only applies to Hub repos, not the local "
-                                 f"directory {_shown(path)}")
-            return ModelRef(str(local_path.resolve()), None, local=True)
-    problem = None if looks_like_path else repo_id_problem(path)
-    if looks_like_path or problem:
-        if local_roots is not None:
-            raise MergeError(f"{where}: {_shown(path)} is not a Hub repo id like 'org/name' ({problem})")
-        raise MergeError(f"{where}: {_shown(path)} is neither an existing local directory nor a Hub repo id "
-                         f"like 'org/name'" + (f" ({problem})" if problem else ""))
-    return ModelRef(path, revision or None)
-
-
 def _check_keys(mapping: dict, allowed: tuple[str, ...], where: str) -> None:
     for key in mapping:
         if key not in allowed:
@@ -197,7 +127,7 @@ def _check_scalar(value: Any, param: Parameter, where: str) -> Scalar:
             except ValueError:
                 pass
         kind = "an integer" if param.type is int else "a number"
-        raise MergeError(f"{where}: {param.name} must be {kind}, got {_shown(value, 40)}")
+        raise MergeError(f"{where}: {param.name} must be {kind}, got {shown(value, 40)}")
     if not math.isfinite(value) or abs(value) > FLOAT32_MAX:
         raise MergeError(f"{where}: {param.name} is {value!r}, out of range: merges compute in float32, whose "
                          f"largest value is 3.4e38")
@@ -239,7 +169,7 @@ def _parse_conditional(raw: Any, param: Parameter, where: str) -> Conditional:
     return Conditional(filt, value)
 
 
-def _parse_parameters(raw: Any, method: MergeMethod, where: str, *, for_base: bool = False) -> dict[str, Setting]:
+def _parse_parameters(raw: Any, method: MergeMethod, where: str) -> dict[str, Setting]:
     if raw is None:
         return {}
     if not isinstance(raw, dict):

@@ -19,6 +19,7 @@ from typing import Callable, Optional
 import torch
 
 from . import hub
+from .adapters import ADAPTER_FILES, AdaptedReader, Adapter, patches
 from .config import ModelRef
 from .errors import MergeError
 from .safetensors_io import TensorHeader, TensorReader, dtype_from_code, read_header
@@ -44,6 +45,7 @@ class ModelSource:
     local_dir: Optional[Path] = None
     pickled: bool = False
     commit: Optional[str] = None  # the Hub commit the headers were read at; downloads pin to it
+    adapter: Optional[Adapter] = None  # a LoRA adapter applied as the tensors stream (`model+adapter`)
 
     @property
     def label(self) -> str:
@@ -52,8 +54,13 @@ class ModelSource:
     def reader(self) -> "TensorReader | PickleReader":
         if self.local_dir is None:
             raise RuntimeError(f"{self.label} has not been fetched")
-        reader = PickleReader if self.pickled else TensorReader
-        return reader(self.local_dir, self.tensors)
+        reader = (PickleReader if self.pickled else TensorReader)(self.local_dir, self.tensors)
+        if self.adapter is None:
+            return reader
+        if self.adapter.local_dir is None:
+            raise RuntimeError(f"{self.adapter.ref} has not been fetched")
+        return AdaptedReader(reader, TensorReader(self.adapter.local_dir, self.adapter.tensors),
+                             patches(self.adapter, self.tensors))
 
 
 class PickleReader:
@@ -117,6 +124,12 @@ def _local_headers(root: Path, label: str, allow_pickle: bool) -> tuple[dict[str
 def inspect_model(ref: ModelRef, *, token: hub.Token = None, allow_pickle: bool = False,
                   cache_dir: Optional[Path] = None) -> ModelSource:
     """Learn a model's config and tensor headers without reading its weights."""
+    if ref.adapter is not None:
+        source = inspect_model(ref.without_adapter, token=token, allow_pickle=allow_pickle, cache_dir=cache_dir)
+        source.ref, source.adapter = ref, inspect_adapter(ref.adapter, token=token, cache_dir=cache_dir)
+        source.adapter.check()
+        patches(source.adapter, source.tensors)  # shapes checked now, before anything is downloaded
+        return source
     if ref.local:
         root = Path(ref.path)
         config_path = root / "config.json"
@@ -127,6 +140,42 @@ def inspect_model(ref: ModelRef, *, token: hub.Token = None, allow_pickle: bool 
         license_ = _card_license(readme.read_text(errors="replace")) if readme.is_file() else None
         return ModelSource(ref, _read_json(config_path, ref), headers, sizes, license_, root, pickled)
     return _inspect_hub_model(ref, token=token, allow_pickle=allow_pickle, cache_dir=cache_dir)
+
+
+def inspect_adapter(ref: ModelRef, *, token: hub.Token = None, cache_dir: Optional[Path] = None) -> Adapter:
+    """An adapter's config and tensor headers (range requests on the Hub: no weights read)."""
+    not_adapter = f"{ref}: not a PEFT adapter (no adapter_config.json and adapter_model.safetensors)"
+    if ref.local:
+        root = Path(ref.path)
+        if not all((root / name).is_file() for name in ADAPTER_FILES):
+            raise MergeError(not_adapter)
+        return Adapter(ref, _read_json(root / "adapter_config.json", ref),
+                       read_header(root / "adapter_model.safetensors"),
+                       {"adapter_model.safetensors": (root / "adapter_model.safetensors").stat().st_size}, root)
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, SafetensorsParsingError
+
+    api = HfApi(token=token)
+    try:
+        info = hub.call(lambda: api.model_info(ref.path, revision=ref.revision, files_metadata=True),
+                        f"{ref}: model info")
+        siblings = {s.rfilename: (s.size or 0) for s in (info.siblings or [])}
+        if not all(name in siblings for name in ADAPTER_FILES):
+            raise MergeError(not_adapter)
+        config_path = hub.call(lambda: api.hf_hub_download(ref.path, "adapter_config.json", revision=info.sha,
+                                                           cache_dir=cache_dir), f"{ref}: adapter_config.json")
+        meta = hub.call(lambda: api.parse_safetensors_file_metadata(ref.path, "adapter_model.safetensors",
+                                                                    revision=info.sha),
+                        f"{ref}: adapter headers")
+    except MergeError:
+        raise
+    except (HfHubHTTPError, EntryNotFoundError, OSError, SafetensorsParsingError) as exc:
+        raise _hub_error(ref, exc) from None
+    headers = {name: TensorHeader(name, dtype_from_code(t.dtype, f"{ref}:{name}"), tuple(t.shape),
+                                  "adapter_model.safetensors", 0, t.data_offsets[1] - t.data_offsets[0])
+               for name, t in meta.tensors.items()}
+    return Adapter(ref, _read_json(Path(config_path), ref), headers,
+                   {"adapter_model.safetensors": siblings["adapter_model.safetensors"]}, None, info.sha)
 
 
 def _read_json(path: Path, ref: ModelRef) -> dict:
@@ -219,34 +268,37 @@ def fetch_model(source: ModelSource, weight_files: set[str], *, token: hub.Token
 
     Weight files come one request each, a few side by side, each retried on its own, and
     `on_file` hears of each as it lands (a 7B model's shards take minutes: worth watching)."""
+    if source.adapter is not None and source.adapter.local_dir is None:
+        _fetch_adapter(source.adapter, token=token, cache_dir=cache_dir, on_file=on_file)
     if source.ref.local:
         return
     from huggingface_hub import hf_hub_download, snapshot_download
     from huggingface_hub.errors import HfHubHTTPError
 
-    revision = source.commit or source.ref.revision
+    base = source.ref.without_adapter
+    revision = source.commit or base.revision
     weights = sorted(set(source.file_sizes) if source.pickled else weight_files)  # pickles: headers need them all
 
     def download(name: str) -> None:
         started = time.perf_counter()
-        hub.call(lambda: hf_hub_download(source.ref.path, name, revision=revision, cache_dir=cache_dir, token=token),
-                 f"{source.ref}: downloading {name}")
+        hub.call(lambda: hf_hub_download(base.path, name, revision=revision, cache_dir=cache_dir, token=token),
+                 f"{base}: downloading {name}")
         if on_file is not None:
             on_file(name, source.file_sizes.get(name, 0), time.perf_counter() - started)
 
     try:
-        path = hub.call(lambda: snapshot_download(source.ref.path, revision=revision, allow_patterns=list(SIDE_FILES),
-                                                  cache_dir=cache_dir, token=token), f"{source.ref}: download")
+        path = hub.call(lambda: snapshot_download(base.path, revision=revision, allow_patterns=list(SIDE_FILES),
+                                                  cache_dir=cache_dir, token=token), f"{base}: download")
         with ThreadPoolExecutor(max_workers=4) as pool:
             list(pool.map(download, weights))
     except (HfHubHTTPError, OSError) as exc:
-        raise _hub_error(source.ref, exc) from None
+        raise _hub_error(base, exc) from None
     root = Path(path)
     # Downloads fall back to whatever is cached when the Hub cannot be asked, so check that every
     # weight file we need really arrived.
     missing = [f for f in weights if not (root / f).is_file()]
     if missing:
-        raise MergeError(f"{source.ref}: download incomplete, missing {', '.join(missing[:3])}; check the "
+        raise MergeError(f"{base}: download incomplete, missing {', '.join(missing[:3])}; check the "
                          f"connection and the token, then retry")
     if source.pickled:
         headers, _, _ = _local_headers(root, source.label, allow_pickle=True)
@@ -256,3 +308,25 @@ def fetch_model(source: ModelSource, weight_files: set[str], *, token: hub.Token
             headers.update(read_header(root / file, file))
     source.tensors = headers
     source.local_dir = root
+
+
+def _fetch_adapter(adapter: Adapter, *, token: hub.Token, cache_dir: Optional[Path],
+                   on_file: Optional[FileFn]) -> None:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError
+
+    started = time.perf_counter()
+    try:
+        path = hub.call(lambda: snapshot_download(adapter.ref.path, revision=adapter.commit, cache_dir=cache_dir,
+                                                  allow_patterns=list(ADAPTER_FILES), token=token),
+                        f"{adapter.ref}: download")
+    except (HfHubHTTPError, OSError) as exc:
+        raise _hub_error(adapter.ref, exc) from None
+    root = Path(path)
+    if not all((root / name).is_file() for name in ADAPTER_FILES):
+        raise MergeError(f"{adapter.ref}: download incomplete; check the connection and the token, then retry")
+    adapter.tensors = read_header(root / "adapter_model.safetensors")
+    adapter.local_dir = root
+    if on_file is not None:
+        on_file("adapter_model.safetensors", adapter.file_sizes.get("adapter_model.safetensors", 0),
+                time.perf_counter() - started)
