@@ -35,8 +35,7 @@ def render_card(plan: "MergePlan", title: Optional[str] = None) -> str:
     config = plan.config
     parents = [m.ref for m in plan.models]
     # a model with an adapter has two parents: the model and the adapter
-    hub_parents = list(dict.fromkeys(part.path for ref in parents for part in (ref.without_adapter, ref.adapter)
-                                     if part is not None and part.hub_id))
+    hub_parents = list(dict.fromkeys(part.path for m in plan.models for part in m.parents if part.hub_id))
     license_ = shared_license([m.license for m in plan.models])
     meta: dict = {}
     if hub_parents:

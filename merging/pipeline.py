@@ -150,11 +150,11 @@ def _bytes_to_download(plan: MergePlan, cache_dir: Optional[Path]) -> int:
         source = plan.models[model]
         if source.adapter is not None and source.adapter.local_dir is None:
             total += sum(source.adapter.file_sizes.values())
-        if source.ref.local:
+        if source.weights_ref.local:
             continue
         for name in files:
-            cached = try_to_load_from_cache(source.ref.without_adapter.path, name, cache_dir=cache_dir,
-                                            revision=source.commit or source.ref.revision)
+            cached = try_to_load_from_cache(source.weights_ref.path, name, cache_dir=cache_dir,
+                                            revision=source.commit or source.weights_ref.revision)
             if not isinstance(cached, str):
                 total += source.file_sizes.get(name, 0)
     return total
@@ -189,7 +189,7 @@ def fetch_inputs(plan: MergePlan, *, token: hub.Token = None, cache_dir: Optiona
     say = on_event or (lambda event: None)
     for model, files in plan.needed_files().items():
         source = plan.models[model]
-        if source.ref.local and (source.adapter is None or source.adapter.local_dir is not None):
+        if source.weights_ref.local and (source.adapter is None or source.adapter.local_dir is not None):
             continue
         nbytes = sum(source.file_sizes.get(f, 0) for f in files)
         say(MergeEvent(f"downloading {source.ref}: {len(files)} weight file{'s' * (len(files) != 1)}, "

@@ -102,7 +102,7 @@ class MergePlan:
         total = 0
         for model, files in self.needed_files().items():
             source = self.models[model]
-            if not source.ref.local:
+            if not source.weights_ref.local:
                 total += sum(source.file_sizes.get(f, 0) for f in files)
             if source.adapter is not None and source.adapter.local_dir is None:
                 total += sum(source.adapter.file_sizes.values())
@@ -166,7 +166,7 @@ def build_plan(config: MergeConfig, sources: dict[ModelRef, ModelSource]) -> Mer
     _check_architectures(models)
     slices = _slices(config, layouts)
     method = config.method
-    warnings: list[str] = list(config.warnings)
+    warnings: list[str] = list(config.warnings) + [note for source in models for note in source.notes]
 
     reference = sources[config.base_model] if config.base_model else sources[slices[0].sources[0][0]]
     if config.tokenizer_source == "base":

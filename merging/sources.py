@@ -7,6 +7,7 @@ few KB of range requests per shard). `fetch_model` later downloads only the file
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import re
@@ -22,6 +23,7 @@ from . import hub
 from .adapters import ADAPTER_FILES, AdaptedReader, Adapter, patches
 from .config import ModelRef
 from .errors import MergeError
+from .refs import parse_model_ref
 from .safetensors_io import TensorHeader, TensorReader, dtype_from_code, read_header
 from .untrusted_yaml import front_matter
 
@@ -46,6 +48,18 @@ class ModelSource:
     pickled: bool = False
     commit: Optional[str] = None  # the Hub commit the headers were read at; downloads pin to it
     adapter: Optional[Adapter] = None  # a LoRA adapter applied as the tensors stream (`model+adapter`)
+    base_ref: Optional[ModelRef] = None  # where the weights come from, when not `ref` (a bare adapter's base)
+    notes: list[str] = field(default_factory=list)  # for the log and the card
+
+    @property
+    def weights_ref(self) -> ModelRef:
+        """The model whose weight files this source reads (the adapter aside)."""
+        return self.base_ref or self.ref.without_adapter
+
+    @property
+    def parents(self) -> list[ModelRef]:
+        """What the card names for this input: the model and its adapter, if any."""
+        return [self.weights_ref] + ([self.adapter.ref] if self.adapter is not None else [])
 
     @property
     def label(self) -> str:
@@ -124,6 +138,24 @@ def _local_headers(root: Path, label: str, allow_pickle: bool) -> tuple[dict[str
 def inspect_model(ref: ModelRef, *, token: hub.Token = None, allow_pickle: bool = False,
                   cache_dir: Optional[Path] = None) -> ModelSource:
     """Learn a model's config and tensor headers without reading its weights."""
+    try:
+        base_id = _adapter_base(ref) if ref.adapter is None and ref.local else None
+        if base_id is None:
+            return _inspect_model(ref, token=token, allow_pickle=allow_pickle, cache_dir=cache_dir)
+    except _AdapterRepo as found:
+        base_id = found.base
+    # An adapter repo named as a model: that adapter on the base it names. A Hub adapter may name
+    # only a Hub base: what someone else's file says must never reach this machine's file system.
+    base = parse_model_ref(base_id, f"{ref} (its base_model_name_or_path)", local_roots=None if ref.local else ())
+    source = inspect_model(dataclasses.replace(base, adapter=ref), token=token, allow_pickle=allow_pickle,
+                           cache_dir=cache_dir)
+    source.base_ref, source.ref = source.ref.without_adapter, ref
+    source.notes.append(f"{ref} is a LoRA adapter: merged as {base_id}+{ref}")
+    return source
+
+
+def _inspect_model(ref: ModelRef, *, token: hub.Token, allow_pickle: bool,
+                   cache_dir: Optional[Path]) -> ModelSource:
     if ref.adapter is not None:
         source = inspect_model(ref.without_adapter, token=token, allow_pickle=allow_pickle, cache_dir=cache_dir)
         source.ref, source.adapter = ref, inspect_adapter(ref.adapter, token=token, cache_dir=cache_dir)
@@ -140,6 +172,29 @@ def inspect_model(ref: ModelRef, *, token: hub.Token = None, allow_pickle: bool 
         license_ = _card_license(readme.read_text(errors="replace")) if readme.is_file() else None
         return ModelSource(ref, _read_json(config_path, ref), headers, sizes, license_, root, pickled)
     return _inspect_hub_model(ref, token=token, allow_pickle=allow_pickle, cache_dir=cache_dir)
+
+
+class _AdapterRepo(Exception):
+    """Inspecting a Hub repo found a bare adapter: `base` is the model it adapts."""
+
+    def __init__(self, base: str):
+        super().__init__(base)
+        self.base = base
+
+
+def _adapter_base(ref: ModelRef, adapter_config: Optional[Path] = None) -> Optional[str]:
+    """The `base_model_name_or_path` of a bare adapter (`adapter_config` given, or a local directory
+    with one and no config.json), else None."""
+    if adapter_config is None:
+        root = Path(ref.path)
+        if (root / "config.json").is_file() or not (root / "adapter_config.json").is_file():
+            return None
+        adapter_config = root / "adapter_config.json"
+    base = _read_json(adapter_config, ref).get("base_model_name_or_path")
+    if not isinstance(base, str) or not base.strip():
+        raise MergeError(f"{ref}: a LoRA adapter that does not name its base (base_model_name_or_path); write "
+                         f"'base+{ref}'")
+    return base
 
 
 def inspect_adapter(ref: ModelRef, *, token: hub.Token = None, cache_dir: Optional[Path] = None) -> Adapter:
@@ -225,6 +280,9 @@ def _inspect_hub_model(ref: ModelRef, *, token: hub.Token, allow_pickle: bool,
         info = hub.call(lambda: api.model_info(repo, revision=ref.revision, files_metadata=True),
                         f"{ref}: model info")
         siblings = {s.rfilename: (s.size or 0) for s in (info.siblings or [])}
+        if "config.json" not in siblings and "adapter_config.json" in siblings and ref.adapter is None:
+            raise _AdapterRepo(_adapter_base(ref, Path(hub.call(lambda: api.hf_hub_download(
+                repo, "adapter_config.json", revision=info.sha, cache_dir=cache_dir), f"{ref}: adapter_config.json"))))
         if "config.json" not in siblings:
             raise MergeError(f"{ref}: the repo has no config.json; is it a transformers model?")
         config_path = hub.call(lambda: api.hf_hub_download(repo, "config.json", revision=info.sha,
@@ -270,12 +328,12 @@ def fetch_model(source: ModelSource, weight_files: set[str], *, token: hub.Token
     `on_file` hears of each as it lands (a 7B model's shards take minutes: worth watching)."""
     if source.adapter is not None and source.adapter.local_dir is None:
         _fetch_adapter(source.adapter, token=token, cache_dir=cache_dir, on_file=on_file)
-    if source.ref.local:
+    if source.weights_ref.local:
         return
     from huggingface_hub import hf_hub_download, snapshot_download
     from huggingface_hub.errors import HfHubHTTPError
 
-    base = source.ref.without_adapter
+    base = source.weights_ref
     revision = source.commit or base.revision
     weights = sorted(set(source.file_sizes) if source.pickled else weight_files)  # pickles: headers need them all
 

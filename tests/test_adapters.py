@@ -99,3 +99,24 @@ def llama_other(llama, tmp_path):
     from tiny_models import Family
 
     return Family(tmp_path / "wider", "llama", layers=4, hidden=64).base()
+
+
+def test_a_bare_adapter_repo_means_that_adapter_on_its_base(llama, hub, tmp_path, caplog):
+    want = _adapter(llama, tmp_path / "adapter", seed=11, **CASES["attention"])
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    hub.add_repo("ada/base", llama.base())
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "ada/base"}))
+    hub.add_repo("ada/bare", tmp_path / "adapter")
+    text = "merge_method: passthrough\nslices:\n  - sources:\n      - model: ada/bare\n        layer_range: [0, 4]\n"
+    run_merge(parse_config(text), tmp_path / "out", cache_dir=tmp_path / "cache")
+    got = load_state(tmp_path / "out")
+    for name, tensor in want.items():
+        torch.testing.assert_close(got[name], tensor, rtol=1e-6, atol=1e-6, msg=name)
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert yaml.safe_load(card.split("---")[1])["base_model"] == ["ada/base", "ada/bare"]
+    assert "ada/bare is a LoRA adapter: merged as ada/base+ada/bare" in card and "merged as ada/base+ada/bare" in caplog.text
+
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "/etc"}))
+    hub.add_repo("ada/sneaky", tmp_path / "adapter")
+    with pytest.raises(MergeError, match="local paths are not allowed here"):
+        plan_merge(parse_config(text.replace("ada/bare", "ada/sneaky")), cache_dir=tmp_path / "cache")
