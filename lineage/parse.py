@@ -25,6 +25,7 @@ import yaml
 
 from merging import untrusted_yaml
 from merging.hub import repo_id_problem
+from merging.refs import shown
 
 from .fetch import CONFIG_FILES, RELATIONS, ModelRecord
 
@@ -71,11 +72,6 @@ def normalize_id(ref: str) -> Optional[str]:
 def split_lora(ref: str) -> list[str]:
     """`model+lora@rev` -> [model, lora]; the LoRA is a parent too."""
     return [p for p in (normalize_id(part) for part in str(ref).split("+")) if p]
-
-
-def _shown(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:60] + "..."
 
 
 def _as_list(value: Any) -> list:
@@ -211,7 +207,7 @@ def parse_record(record: ModelRecord) -> ParsedRecord:
     for ref in _as_list(card_data.get("base_model")):
         parents = split_lora(ref)
         if not parents:
-            notes.append(f"base_model entry {_shown(ref)} is not a Hub repo id; ignored")
+            notes.append(f"base_model entry {shown(ref, 60)} is not a Hub repo id; ignored")
         for parent in parents:
             raw.append((parent, "card_metadata", declared, {}))
     for parent, relation in _hub_relations(record.info):

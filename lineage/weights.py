@@ -142,19 +142,20 @@ class WeightCheck:
     def __init__(self, graph: nx.DiGraph, records: dict, reader: WeightReader):
         self.graph, self.records, self.reader = graph, records, reader
 
-    def _sample(self, model: str, plan: dict[str, tuple[int, ...]]) -> dict:
+    def _headers(self, model: str) -> dict:
         info = self.records[model].info if model in self.records else {}
         siblings = [s.get("rfilename", "") for s in info.get("siblings", [])]
-        headers = self.reader.headers(model, siblings, bool(info.get("gated")))
+        return self.reader.headers(model, siblings, bool(info.get("gated")))
+
+    def _sample(self, model: str, plan: dict[str, tuple[int, ...]]) -> dict:
+        headers = self._headers(model)
         missing = [n for n in plan if n not in headers]
         if missing:
             raise Unavailable(f"{missing[0]} is missing: a frankenmerge or another architecture")
         return {n: self.reader.rows(model, headers[n], rows) for n, rows in plan.items()}
 
     def plan_for(self, child: str) -> dict[str, tuple[int, ...]]:
-        info = self.records[child].info if child in self.records else {}
-        siblings = [s.get("rfilename", "") for s in info.get("siblings", [])]
-        return sample_plan(self.reader.headers(child, siblings, bool(info.get("gated"))))
+        return sample_plan(self._headers(child))
 
     def compare(self, child: str, parent: str, plan: dict) -> dict:
         try:
@@ -233,7 +234,7 @@ class WeightCheck:
         except Unavailable:
             return None
         layers = 1 + max((int(m.group(1)) for n in plan for m in [_LAYER.search(n)] if m), default=0)
-        dtype = self.reader.headers(child, [], False)[next(iter(plan))].dtype
+        dtype = self._headers(child)[next(iter(plan))].dtype
         scopes = {str(e.model.path): e.parameters for e in parsed.model_entries()}
         base = str(parsed.base_model.path) if parsed.base_model else None
         others = [r.path for r in refs if r.path != base]

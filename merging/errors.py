@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import errno
 from typing import Iterable
 
 
@@ -22,6 +23,11 @@ class HubError(MergeError):
 
 class HubUnreachable(HubError):
     """No connection to the Hub could be opened (unknown host, refused, timed out connecting)."""
+
+
+def disk_full(exc: BaseException) -> bool:
+    """Whether `exc` is the file system saying it has no room (no space, or over quota)."""
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 def did_you_mean(word: str, choices: Iterable[str]) -> str:

@@ -15,7 +15,6 @@ included, has been written.
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import re
@@ -31,7 +30,7 @@ from typing import Callable, Optional
 import torch
 
 from .cleanup import remove_orphans
-from .errors import MergeError
+from .errors import MergeError, disk_full
 from .methods import native
 from .methods.chunks import FusedKernel
 from .methods.selection import stream_seed
@@ -365,10 +364,6 @@ def _staging_dir(output_dir: Path) -> Path:
         raise _cannot_create(output_dir, exc) from None
 
 
-def _disk_full(exc: BaseException) -> bool:
-    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
-
-
 def execute_plan(plan: MergePlan, output_dir: Path, options: MergeOptions = MergeOptions(),
                  progress: Optional[ProgressFn] = None) -> list[str]:
     """Merge into `output_dir`, which must not exist. Returns the files written."""
@@ -384,7 +379,7 @@ def execute_plan(plan: MergePlan, output_dir: Path, options: MergeOptions = Merg
         return sorted(files)
     except BaseException as exc:
         shutil.rmtree(staging, ignore_errors=True)
-        if _disk_full(exc):
+        if disk_full(exc):
             raise MergeError(f"disk: the disk holding {output_dir.parent} filled up while writing the merge; "
                              f"nothing was left there: free {plan.output_bytes / 1e9:.1f} GB or choose another "
                              f"OUTPUT_DIR") from None

@@ -148,8 +148,8 @@ def _bytes_to_download(plan: MergePlan, cache_dir: Optional[Path]) -> int:
     total = 0
     for model, files in plan.needed_files().items():
         source = plan.models[model]
-        if source.adapter is not None and source.adapter.local_dir is None:
-            total += sum(source.adapter.file_sizes.values())
+        if source.adapter_to_fetch is not None:
+            total += sum(source.adapter_to_fetch.file_sizes.values())
         if source.weights_ref.local:
             continue
         for name in files:
@@ -189,7 +189,7 @@ def fetch_inputs(plan: MergePlan, *, token: hub.Token = None, cache_dir: Optiona
     say = on_event or (lambda event: None)
     for model, files in plan.needed_files().items():
         source = plan.models[model]
-        if source.weights_ref.local and (source.adapter is None or source.adapter.local_dir is not None):
+        if source.weights_ref.local and source.adapter_to_fetch is None:
             continue
         nbytes = sum(source.file_sizes.get(f, 0) for f in files)
         say(MergeEvent(f"downloading {source.ref}: {len(files)} weight file{'s' * (len(files) != 1)}, "

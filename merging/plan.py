@@ -104,8 +104,8 @@ class MergePlan:
             source = self.models[model]
             if not source.weights_ref.local:
                 total += sum(source.file_sizes.get(f, 0) for f in files)
-            if source.adapter is not None and source.adapter.local_dir is None:
-                total += sum(source.adapter.file_sizes.values())
+            if source.adapter_to_fetch is not None:
+                total += sum(source.adapter_to_fetch.file_sizes.values())
         return total
 
     def input_bytes(self, tensor: PlannedTensor) -> int:

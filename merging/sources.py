@@ -8,7 +8,6 @@ few KB of range requests per shard). `fetch_model` later downloads only the file
 from __future__ import annotations
 
 import dataclasses
-import errno
 import json
 import re
 import time
@@ -22,7 +21,7 @@ import torch
 from . import hub
 from .adapters import ADAPTER_FILES, AdaptedReader, Adapter, patches
 from .config import ModelRef
-from .errors import MergeError
+from .errors import MergeError, disk_full
 from .refs import parse_model_ref
 from .safetensors_io import TensorHeader, TensorReader, dtype_from_code, read_header
 from .untrusted_yaml import front_matter
@@ -55,6 +54,11 @@ class ModelSource:
     def weights_ref(self) -> ModelRef:
         """The model whose weight files this source reads (the adapter aside)."""
         return self.base_ref or self.ref.without_adapter
+
+    @property
+    def adapter_to_fetch(self) -> Optional[Adapter]:
+        """The adapter, while its files are still to be downloaded."""
+        return self.adapter if self.adapter is not None and self.adapter.local_dir is None else None
 
     @property
     def parents(self) -> list[ModelRef]:
@@ -253,7 +257,7 @@ def _hub_error(ref: ModelRef, exc: Exception) -> MergeError:
         return MergeError(f"{ref}: revision {ref.revision!r} does not exist on the Hub")
     if isinstance(exc, RepositoryNotFoundError):
         return MergeError(f"{ref}: no such model on the Hub (or it is private: pass a token that can read it)")
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+    if disk_full(exc):
         return MergeError(f"{ref}: the disk is full while downloading ({exc.filename or 'the Hub cache'}); free "
                           f"space or point HF_HOME at a larger disk")
     status = hub.http_status(exc)
@@ -326,7 +330,7 @@ def fetch_model(source: ModelSource, weight_files: set[str], *, token: hub.Token
 
     Weight files come one request each, a few side by side, each retried on its own, and
     `on_file` hears of each as it lands (a 7B model's shards take minutes: worth watching)."""
-    if source.adapter is not None and source.adapter.local_dir is None:
+    if source.adapter_to_fetch is not None:
         _fetch_adapter(source.adapter, token=token, cache_dir=cache_dir, on_file=on_file)
     if source.weights_ref.local:
         return
