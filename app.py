@@ -33,7 +33,7 @@ import gradio as gr
 import lineage
 from merging import HostedLimits, MergeError, MergeEvent, MergeOptions, load_config, plan_merge, run_merge, summarize
 from merging.cleanup import remove_orphans
-from merging.demo import demo_config
+from merging.demo import demo_config, demo_moe_config
 from merging.errors import HubUnreachable
 from merging.hub import Token, request_token
 from merging.upload import suggest_repo_name, upload_merge
@@ -42,6 +42,8 @@ log = logging.getLogger("mergeline.app")
 
 EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
 DEMO_EXAMPLE = "Offline demo: TIES of tiny local models"
+DEMO_MOE_EXAMPLE = "Offline demo: mixture of experts of tiny local models"
+DEMOS = {DEMO_EXAMPLE: demo_config, DEMO_MOE_EXAMPLE: demo_moe_config}  # configs of the app's own tiny models
 DEMO_LINEAGE = "mlabonne/NeuralBeagle14-7B"
 _SESSION = re.compile(r"^(\d+)-[\w-]+$")
 CSS = """
@@ -54,9 +56,9 @@ SCROLL_LOG_TO_END = """() => { setTimeout(() => {
 
 
 def examples() -> dict[str, Optional[Path]]:
-    """Example configs by title: the offline demo (written on first use), then `examples/*.yml`,
-    each titled by its first line's comment."""
-    found: dict[str, Optional[Path]] = {DEMO_EXAMPLE: None}
+    """Example configs by title: the offline demos (None: their models are written on first use),
+    then `examples/*.yml`, each titled by its first line's comment."""
+    found: dict[str, Optional[Path]] = dict.fromkeys(DEMOS)
     for path in sorted(EXAMPLES_DIR.glob("*.yml")):
         first = path.read_text().splitlines()[0]
         found[first.lstrip("# ").strip() if first.startswith("#") else path.stem] = path
@@ -161,7 +163,7 @@ class MergelineApp:
 
     def example_config(self, name: str) -> str:
         path = examples().get(name)
-        return demo_config(self.settings.demo_models) if path is None else path.read_text()
+        return DEMOS[name](self.settings.demo_models) if path is None else path.read_text()
 
     # -- actions ------------------------------------------------------------------------------
 

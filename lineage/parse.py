@@ -157,9 +157,10 @@ def _config_links(config: dict, keep_local: bool = False) -> list[tuple[str, dic
         for src in _as_list(out.get("sources") if isinstance(out, dict) else None):
             if isinstance(src, dict):
                 add(src.get("model"), src.get("parameters"), layer_range=src.get("layer_range"))
-    for expert in _as_list(config.get("experts")):
-        if isinstance(expert, dict):
-            add(expert.get("source_model"), None, "expert")
+    for key, role in (("experts", "expert"), ("shared_experts", "shared expert")):
+        for expert in _as_list(config.get(key)):
+            if isinstance(expert, dict):
+                add(expert.get("source_model"), None, role)
     return result
 
 

@@ -11,7 +11,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator, Optional, Sequence, Union
 
 import yaml
 
@@ -20,6 +20,9 @@ from .chat_templates import BUILTIN as BUILTIN_CHAT_TEMPLATES
 from .errors import MergeError, did_you_mean
 from .methods import REGISTRY, BasePolicy, MergeMethod, Parameter
 from .refs import ModelRef, parse_model_ref, shown
+
+if TYPE_CHECKING:
+    from .moe import MoEConfig
 
 Scalar = Union[bool, int, float, str]
 # A parameter setting as written: a scalar, a gradient (list of scalars), or filtered entries.
@@ -81,6 +84,8 @@ class MergeConfig:
     text: str  # the YAML as the user wrote it, embedded in the model card
     warnings: tuple[str, ...] = ()  # legitimate but unusual values, for the log and the card
     mapping: dict = field(default_factory=dict, compare=False, repr=False)  # the YAML as read, validated
+
+    config_file: ClassVar[str] = "mergekit_config.yml"  # where the output keeps the config as written
 
     def model_entries(self) -> tuple[ModelEntry, ...]:
         """A `models:` merge's entries, with the base added when the list leaves it out (as mergekit does)."""
@@ -207,8 +212,9 @@ def _parse_layer_range(raw: Any, where: str) -> tuple[int, int]:
 
 
 def parse_config(text: str, *, base_dir: Optional[Path] = None,
-                 local_roots: Optional[Sequence[Path]] = None) -> MergeConfig:
-    """Parse and validate a YAML merge config. Raises `MergeError` with a one-line message.
+                 local_roots: Optional[Sequence[Path]] = None) -> "MergeConfig | MoEConfig":
+    """Parse and validate a YAML merge config, or a mergekit-moe config (it has `experts:`).
+    Raises `MergeError` with a one-line message.
 
     Relative local paths resolve against `base_dir`; with `local_roots` (a shared deployment) only
     directories under those roots may be named (`parse_model_ref`)."""
@@ -223,6 +229,10 @@ def parse_config(text: str, *, base_dir: Optional[Path] = None,
         raise MergeError(f"config: the YAML does not parse{where}: {problem}") from None
     if not isinstance(raw, dict):
         raise MergeError("config: expected a YAML mapping with merge_method and models or slices")
+    if "experts" in raw and "merge_method" not in raw:  # a mergekit-moe config
+        from .moe import parse_moe_config
+
+        return parse_moe_config(raw, text, base_dir=base_dir, local_roots=local_roots)
     _check_keys(raw, _TOP_KEYS, "")
 
     method_name = raw.get("merge_method")

@@ -102,18 +102,36 @@ dtype: float32
 """
 
 
+def demo_moe_config(root: Path) -> str:
+    paths = ensure_demo_models(root)
+    return f"""\
+# Offline demo: a mixture of experts of tiny local models, routed by hidden states.
+base_model: {paths['demo-base']}
+gate_mode: hidden
+dtype: float32
+experts_per_token: 1
+experts:
+  - source_model: {paths['demo-chat']}
+    positive_prompts: ["w1 w2 w3", "w4 w5 w6"]
+  - source_model: {paths['demo-code']}
+    positive_prompts: ["w40 w41 w42", "w50 w51"]
+    negative_prompts: ["w1 w2 w3"]
+"""
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``python -m merging.demo DIR``: write the tiny models and their TIES config (DIR/demo.yml),
-    so ``python -m merging DIR/demo.yml OUT`` runs a merge with no network."""
+    """``python -m merging.demo DIR``: write the tiny models, their TIES config (DIR/demo.yml) and
+    a mixture of experts of them (DIR/demo-moe.yml), so ``python -m merging DIR/demo.yml OUT``
+    runs a merge with no network."""
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m merging.demo", description=main.__doc__.splitlines()[0])
     parser.add_argument("directory", type=Path, help="where the tiny models and demo.yml go")
     args = parser.parse_args(argv)
     args.directory.mkdir(parents=True, exist_ok=True)
-    config = args.directory / "demo.yml"
-    config.write_text(demo_config(args.directory / "models"))
-    print(config)
+    for name, text in (("demo.yml", demo_config), ("demo-moe.yml", demo_moe_config)):
+        (args.directory / name).write_text(text(args.directory / "models"))
+        print(args.directory / name)
     return 0
 
 

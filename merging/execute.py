@@ -206,6 +206,9 @@ class _Merger:
     def merge_chunk(self, tensor: PlannedTensor, rows: Optional[tuple[int, int]], kernel,
                     held: Optional["_HeldInputs"]) -> torch.Tensor:
         """One chunk of the output, in the output dtype on the CPU."""
+        if tensor.computed:
+            value = self.plan.computed[tensor.name]
+            return (value if rows is None else value[rows[0]:rows[1]]).to("cpu", tensor.out.dtype)
         inputs = self.read_inputs(tensor, rows, held)
         if not tensor.floating:
             return inputs[0]  # integer buffers are copied from the first input, as mergekit does
@@ -317,6 +320,7 @@ def peak_memory(plan: MergePlan, workers: Optional[int] = None) -> int:
         elements = (ranges[k][0][1] - ranges[k][0][0]) * tensor.out.row_elements
         in_flight = 2 * threads * (read * elements // numel + elements * 4 * (inputs + 3))
         worst = max(worst, in_flight + kept[k] + kept[k + 1])  # this tensor's passes, and the next's
+    worst = max(worst, plan.side_peak_bytes)
     return worst + 450 * 2**20  # the Python process, torch, the write buffers and the heap's slack (measured)
 
 
@@ -411,7 +415,7 @@ def _write_weights(plan: MergePlan, merger: _Merger, staging: Path, progress: Op
     try:
         for tensor in plan.tensors:
             ranges = merger.row_ranges(tensor)
-            kernel, held = merger.kernel(tensor, ranges) if tensor.floating else (None, None)
+            kernel, held = merger.kernel(tensor, ranges) if tensor.floating and not tensor.computed else (None, None)
             submitted.append((tensor, [merger.workers.submit(job(tensor, rows, kernel, held)) for rows in ranges]))
             report(block=False)
         report(block=True)

@@ -17,7 +17,9 @@ from typing import Callable, Optional, Union
 from . import hub
 from .config import MergeConfig, ModelRef, parse_config
 from .errors import MergeError
-from .execute import MergeOptions, check_output_dir, execute_plan, peak_memory
+from .execute import MergeOptions, check_output_dir, execute_plan, peak_memory, resolve_device
+from .moe import MoEConfig
+from .moe.plan import build_moe_plan
 from .plan import MergePlan, build_plan
 from .sources import ModelSource, fetch_model, inspect_model
 
@@ -91,7 +93,7 @@ def plan_merge(config: MergeConfig, *, token: hub.Token = None, allow_pickle: bo
     for source in sources.values():
         if source.pickled and not source.tensors:  # a Hub .bin model: headers need the files themselves
             fetch_model(source, set(source.file_sizes), token=token, cache_dir=cache_dir)
-    plan = build_plan(config, sources)
+    plan = build_moe_plan(config, sources) if isinstance(config, MoEConfig) else build_plan(config, sources)
     if limits is not None:
         enforce_limits(config, limits, plan)
     return plan
@@ -119,10 +121,12 @@ class PlanSummary:
     peak_memory_bytes: int
     layers: int
     warnings: tuple[str, ...]
+    details: tuple[str, ...] = ()
 
     def lines(self) -> list[str]:
         return [
             f"method: {self.method}",
+            *self.details,
             f"tensors to write: {self.tensors}",
             f"output layers: {self.layers}",
             f"output parameters: {_count(self.parameters)} ({size_text(self.output_bytes)})",
@@ -138,7 +142,7 @@ def summarize(plan: MergePlan) -> PlanSummary:
     key = layer_count_key(plan.out_config)
     return PlanSummary(plan.method.name, len(plan.tensors), plan.parameter_count, plan.output_bytes,
                        plan.download_bytes, peak_memory(plan), text_config(plan.out_config)[key],
-                       tuple(plan.warnings))
+                       tuple(plan.warnings), plan.details)
 
 
 def _bytes_to_download(plan: MergePlan, cache_dir: Optional[Path]) -> int:
@@ -222,6 +226,8 @@ def run_merge(config: MergeConfig, output_dir: Path, *, options: MergeOptions = 
         log.warning(warning)
     check_disk(plan, output_dir, cache_dir)
     fetch_inputs(plan, token=token, cache_dir=cache_dir, on_event=say)
+    if isinstance(config, MoEConfig):
+        compute_routers(plan, options, say)
     say(MergeEvent("merging tensor by tensor"))
     sizes = {tensor.name: tensor.out.nbytes for tensor in plan.tensors}
     written = 0
@@ -232,6 +238,24 @@ def run_merge(config: MergeConfig, output_dir: Path, *, options: MergeOptions = 
         say(MergeEvent(name, done, total, written))
 
     return execute_plan(plan, output_dir, options, progress=progress)
+
+
+def compute_routers(plan: MergePlan, options: MergeOptions, say: EventFn) -> None:
+    """A mixture of experts' routers, into the plan, before its tensors stream."""
+    from .moe import routers
+
+    config: MoEConfig = plan.config
+    say(MergeEvent(f"computing routers ({config.gate_mode})"))
+    weights = routers.router_weights(config, plan.reference, seed=options.seed,
+                                     device=str(resolve_device(options.device)),
+                                     say=lambda line: say(MergeEvent(line)))
+    degenerate = routers.degenerate_layers(weights)
+    if degenerate:
+        plan.warnings.append(f"routers: {len(degenerate)} of {weights.shape[0]} layers barely tell the experts apart "
+                             f"(layers {', '.join(map(str, degenerate[:8]))}{'...' * (len(degenerate) > 8)}); "
+                             f"the prompts may be too similar")
+        log.warning(plan.warnings[-1])
+    routers.fill_routers(plan, weights)
 
 
 def enforce_limits(config: MergeConfig, limits: HostedLimits, plan: Optional[MergePlan] = None) -> None:

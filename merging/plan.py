@@ -65,6 +65,7 @@ class PlannedTensor:
     params: dict[str, Any]  # resolved: shared values, per-model lists aligned with the non-base inputs
     rows: Optional[int] = None  # vocabulary rows the inputs are aligned to, when they differ
     floating: bool = True  # False: an integer buffer, copied from the first input instead of merged
+    computed: bool = False  # no inputs: the value is `plan.computed[name]` (a MoE router, a zero bias)
 
 
 @dataclass
@@ -76,6 +77,10 @@ class MergePlan:
     reference: ModelSource  # config.json and generation_config.json come from here
     tokenizer_from: ModelSource
     warnings: list[str] = field(default_factory=list)
+    also_reads: tuple[tuple[int, str], ...] = ()  # (model, tensor) read besides the inputs (a MoE's routers)
+    computed: dict[str, torch.Tensor] = field(default_factory=dict)  # values of `computed` tensors, once known
+    details: tuple[str, ...] = ()  # lines a dry run shows beside the figures (a MoE's experts and routers)
+    side_peak_bytes: int = 0  # memory of work before the tensors stream (a MoE's routers)
 
     @property
     def method(self) -> MergeMethod:
@@ -92,9 +97,9 @@ class MergePlan:
     def needed_files(self) -> dict[int, set[str]]:
         """Per input model, the weight files holding tensors the merge reads."""
         needed: dict[int, set[str]] = {}
-        for tensor in self.tensors:
-            for model, name in tensor.inputs:
-                needed.setdefault(model, set()).add(self.models[model].tensors[name].file)
+        reads = [read for tensor in self.tensors for read in tensor.inputs] + list(self.also_reads)
+        for model, name in reads:
+            needed.setdefault(model, set()).add(self.models[model].tensors[name].file)
         return needed
 
     @property

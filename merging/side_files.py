@@ -51,8 +51,8 @@ def write_side_files(plan: MergePlan, directory: Path, title: Optional[str] = No
                 if data.pop("chat_template", None) is not None:
                     tokenizer_config.write_text(json.dumps(data, indent=2) + "\n")
 
-    (directory / "mergekit_config.yml").write_text(plan.config.text.rstrip() + "\n")
-    written.append("mergekit_config.yml")
+    (directory / plan.config.config_file).write_text(plan.config.text.rstrip() + "\n")
+    written.append(plan.config.config_file)
     (directory / "README.md").write_text(card_stage.render_card(plan, title))
     written.append("README.md")
     return written

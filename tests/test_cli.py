@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -143,6 +144,9 @@ def test_help_shows_defaults_without_loading_torch():
 def test_the_offline_demo_runs_from_the_command_line(tmp_path):
     made = subprocess.run([sys.executable, "-m", "merging.demo", str(tmp_path / "demo")], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
-    assert made.returncode == 0 and made.stdout.strip() == str(tmp_path / "demo" / "demo.yml")
-    done = cli(tmp_path / "demo" / "demo.yml", tmp_path / "out", "--quiet")
-    assert done.returncode == 0 and (tmp_path / "out" / "model.safetensors").is_file()
+    configs = [tmp_path / "demo" / "demo.yml", tmp_path / "demo" / "demo-moe.yml"]
+    assert made.returncode == 0 and made.stdout.split() == [str(c) for c in configs]
+    for config in configs:
+        done = cli(config, tmp_path / "out" / config.stem, "--quiet")
+        assert done.returncode == 0 and (tmp_path / "out" / config.stem / "model.safetensors").is_file(), done.stderr
+    assert json.loads((tmp_path / "out" / "demo-moe" / "config.json").read_text())["num_local_experts"] == 2

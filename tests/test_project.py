@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -22,8 +24,23 @@ def test_ci_runs_the_readme_test_command_verbatim():
 def test_torch_is_pinned_and_test_packages_are_separate():
     runtime = (ROOT / "requirements.txt").read_text()
     assert re.search(r"^torch==2\.13\.0$", runtime, re.M)
-    assert "pytest" not in runtime and "transformers" not in runtime
+    assert "pytest" not in runtime and "peft" not in runtime and "playwright" not in runtime
     assert "pytest" in (ROOT / "requirements-test.txt").read_text()
+
+
+def test_transformers_is_imported_only_for_moe_routers(tmp_path):
+    """The app, the CLIs and plain merges never load transformers; only a MoE's routers do."""
+    script = f"""
+import sys
+from pathlib import Path
+import app, lineage, merging.__main__
+from merging import parse_config, run_merge
+from merging.demo import demo_config
+run_merge(parse_config(demo_config(Path({str(tmp_path)!r}) / "models")), Path({str(tmp_path)!r}) / "out")
+assert "transformers" not in sys.modules, "transformers was imported"
+"""
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
 
 
 def test_space_front_matter_matches_the_pinned_gradio():

@@ -249,3 +249,12 @@ register(MergeMethod("ramplus_tl", "RAM+ (tensor-local)", BasePolicy.REQUIRED,
 register(MergeMethod("passthrough", "Passthrough", BasePolicy.IGNORED,
                      (Parameter("scale", float, None, per_model=True, optional=True),),
                      max_models=1, chunkable=True, merge_ref="linear:passthrough"))
+
+# Not a `merge_method`: the copy a mixture of experts (`merging.moe`) makes of each expert's tensors,
+# with mergekit-moe's per-expert noise and residual scale. It streams through the engine like a merge.
+EXPERT_COPY = MergeMethod("moe", "Mixture of Experts", BasePolicy.IGNORED,
+                          (Parameter("noise_scale", float, None, optional=True),
+                           Parameter("residual_scale", float, None, optional=True)),
+                          max_models=1, randomized=True, merge_ref="linear:expert_copy",
+                          narrow_ref="linear:expert_copy_narrow",
+                          reference="https://github.com/arcee-ai/mergekit/blob/main/docs/moe.md")

@@ -36,3 +36,21 @@ def nearswap(base: Tensor, models: list[Tensor], *, t: float) -> Tensor:
 
 def passthrough(base: None, models: list[Tensor], *, scale: list[Optional[float]]) -> Tensor:
     return models[0] if scale[0] is None else models[0] * scale[0]
+
+
+def expert_copy(base: None, models: list[Tensor], *, noise_scale: Optional[float], residual_scale: Optional[float],
+                seed: int) -> Tensor:
+    """An expert's tensor in a mixture of experts: with Gaussian noise added, then scaled, as mergekit-moe does."""
+    tensor = models[0]
+    if noise_scale is not None:
+        noise = torch.randn(tensor.shape, generator=torch.Generator().manual_seed(seed), dtype=tensor.dtype)
+        tensor = tensor + noise.to(tensor.device) * noise_scale
+    return tensor if residual_scale is None else tensor * residual_scale
+
+
+def expert_copy_narrow(base: None, models: list[Tensor], out_dtype: torch.dtype, *, noise_scale: Optional[float],
+                       residual_scale: Optional[float], seed: int) -> Optional[Tensor]:
+    """A plain copy (no noise, no scale) converted straight to the output dtype, as mergekit-moe writes it."""
+    if noise_scale is not None or residual_scale is not None:
+        return None
+    return models[0].to(out_dtype)
