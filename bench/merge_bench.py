@@ -1,6 +1,6 @@
 """Merge benchmark: mergeline against the I/O floor and (optionally) mergekit, same machine, same run.
 
-    python bench/merge_bench.py [--layers 4] [--methods linear,slerp,ties,dare_ties] [--device cpu|cuda]
+    python bench/merge_bench.py [--layers 4] [--methods linear,slerp,ties,dare_ties,moe] [--device cpu|cuda]
                                 [--against-mergekit /tmp/mk/bin/mergekit-yaml] [--json out.json]
 
 Inputs are generated once and cached under bench/.cache: checkpoints with real Mistral-7B widths
@@ -9,6 +9,10 @@ like Hub checkpoints: a base and three fine-tunes (base plus sparse noise). Each
 own process; peak RSS is the largest sum of VmRSS over that process tree, sampled every 20 ms
 (mmap'd file pages count). The I/O floor is a plain read of every input byte the merge reads plus
 a write of as many bytes as the output, timed on the same files in the same run.
+
+`moe` builds a mixture of four experts (the three fine-tunes and the base) with hidden-state
+routers from a handful of prompts, against `mergekit-moe` beside `mergekit-yaml`. Its floor reads
+every input file whole, though the experts' attention and embeddings are never read.
 
 mergekit lives in its own virtualenv, never in our requirements:
     python -m venv /tmp/mk && /tmp/mk/bin/pip install torch==2.13.0 mergekit
@@ -109,7 +113,13 @@ def config_for(method: str, paths: dict[str, Path], layers: int) -> str:
                 f"  - {{model: {ft2}, parameters: {{weight: 0.3, density: 0.5}}}}\n"
                 f"  - {{model: {ft3}, parameters: {{weight: 0.2, density: 0.5}}}}\n"
                 f"parameters: {{normalize: true, int8_mask: true}}\ndtype: bfloat16\n")
-    raise SystemExit(f"unknown benchmark method {method!r}; choose from linear, slerp, ties, dare_ties")
+    if method == "moe":
+        prompts = {ft1: ["w1 w2 w3", "w4 w5"], ft2: ["w10 w11 w12", "w13"], ft3: ["w20 w21", "w22 w23 w24"],
+                   base: ["w30 w31 w32 w33", "w40"]}
+        experts = "".join(f"  - source_model: {model}\n    positive_prompts: {json.dumps(p)}\n"
+                          for model, p in prompts.items())
+        return f"base_model: {base}\ngate_mode: hidden\ndtype: bfloat16\nexperts_per_token: 2\nexperts:\n{experts}"
+    raise SystemExit(f"unknown benchmark method {method!r}; choose from linear, slerp, ties, dare_ties, moe")
 
 
 def tree_rss(pid: int) -> int:
@@ -185,7 +195,7 @@ def io_floor(files: list[Path], output_bytes: int, scratch: Path) -> float:
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--methods", default="linear,slerp,ties,dare_ties")
+    parser.add_argument("--methods", default="linear,slerp,ties,dare_ties,moe")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--against-mergekit", type=Path, help="path to mergekit-yaml in its own virtualenv")
     parser.add_argument("--json", type=Path, help="write the results here (default: bench/results-<device>.json)")
@@ -218,9 +228,12 @@ def main(argv: Optional[list[str]] = None) -> int:
                    "ours_gbps": output_bytes / 1e9 / ours.seconds, "vs_floor": ours.seconds / floor}
             if args.against_mergekit:
                 mk_out = work / f"mergekit-{method}"
-                command = [str(args.against_mergekit), str(config), str(mk_out), "--no-copy-tokenizer"]
+                tool = args.against_mergekit.with_name("mergekit-moe") if method == "moe" else args.against_mergekit
+                command = [str(tool), str(config), str(mk_out), "--no-copy-tokenizer"]
                 if args.device == "cuda":
-                    command.append("--cuda")
+                    command += ["--device", "cuda"] if method == "moe" else ["--cuda"]
+                elif method == "moe":
+                    command += ["--device", "cpu"]
                 mk = measure(command)
                 shutil.rmtree(mk_out, ignore_errors=True)
                 row.update({"mergekit_s": mk.seconds, "mergekit_rss_gb": mk.peak_rss / 1e9,

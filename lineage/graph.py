@@ -227,8 +227,10 @@ def merge_preview(config: dict, child: str) -> nx.DiGraph:
                    generation=0, card_status="none", notes=["the merge this config describes"], relation="merge")
     for parent, params in _config_links(config, keep_local=True):
         if parent not in graph:
+            local = parent.startswith(("/", ".", "~"))  # a folder on this machine: its name reads, its path does not
             graph.add_node(parent, status="ok", detail="", license="", downloads=0, likes=0, tags=[],
-                           generation=-1, card_status="none", notes=[], relation="unknown")
+                           generation=-1, card_status="none", notes=[], relation="unknown",
+                           **({"label": parent.rstrip("/").rsplit("/", 1)[-1]} if local else {}))
         data = graph.get_edge_data(parent, child) or {"relation": "merge", "sources": ["mergekit_config"]}
         graph.add_edge(parent, child, **{**params, **data})
     return graph

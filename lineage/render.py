@@ -101,7 +101,8 @@ def build_network(graph: nx.DiGraph, *, color_by: str = "relation", physics: boo
         conflict = bool(data.get("license_conflict"))
         border = TARGET_BORDER if node == target else CONFLICT_BORDER if conflict else color
         size = 14 + 22 * math.log1p(data.get("downloads", 0)) / math.log1p(max_downloads)
-        net.add_node(node, label=f"\u26a0 {node}" if conflict else node, title=node_title(node, data),
+        label = data.get("label") or node
+        net.add_node(node, label=f"\u26a0 {label}" if conflict else label, title=node_title(node, data),
                      color={"background": color, "border": border},
                      borderWidth=5 if node == target or conflict else (3 if data.get("cut") else 1), size=size,
                      shapeProperties={"borderDashes": [6, 4] if data.get("cut") else False},

@@ -35,7 +35,7 @@ from .methods import native
 from .methods.chunks import FusedKernel
 from .methods.selection import stream_seed
 from .plan import MergePlan, PlannedTensor, torch_dtype
-from .safetensors_io import ShardedWriter, TensorHeader
+from .safetensors_io import ShardedWriter, TensorHeader, TensorReader
 from .side_files import write_side_files
 from .workers import HeapReuse, Workers, default_workers
 
@@ -162,6 +162,20 @@ class _Merger:
             pass
         return held
 
+    def stored_copy(self, tensor: PlannedTensor) -> Optional[tuple[int, int]]:
+        """Where the bytes of `tensor`'s output are stored, when the merge would return its one
+        input unchanged (same dtype, no cast on load, an untouched safetensors tensor)."""
+        method, config_dtype = self.plan.method, torch_dtype(self.plan.config.dtype)
+        if len(tensor.inputs) != 1 or tensor.rows is not None or method.copies is None \
+                or not method.copies(tensor.params):
+            return None
+        model, name = tensor.inputs[0]
+        header = self.plan.models[model].tensors[name]
+        if header.dtype != tensor.out.dtype or (config_dtype is not None and config_dtype != header.dtype):
+            return None
+        reader = self.reader(model)
+        return reader.stored(name) if isinstance(reader, TensorReader) else None
+
     def row_ranges(self, tensor: PlannedTensor) -> list[Optional[tuple[int, int]]]:
         default = CUDA_CHUNK_ELEMENTS if self.device.type == "cuda" else CHUNK_ELEMENTS
         return chunk_ranges(self.plan, tensor, self.options.chunk_elements or default)
@@ -207,6 +221,8 @@ class _Merger:
                     held: Optional["_HeldInputs"]) -> torch.Tensor:
         """One chunk of the output, in the output dtype on the CPU."""
         if tensor.computed:
+            if self.plan.computing is not None:
+                self.plan.computing.result()  # raises what the computation raised
             value = self.plan.computed[tensor.name]
             return (value if rows is None else value[rows[0]:rows[1]]).to("cpu", tensor.out.dtype)
         inputs = self.read_inputs(tensor, rows, held)
@@ -293,7 +309,7 @@ def _row_ranges(rows: int, step: int) -> list[tuple[int, int]]:
 def chunk_ranges(plan: MergePlan, tensor: PlannedTensor, chunk: int) -> list[Optional[tuple[int, int]]]:
     """The row chunks `tensor` is merged in, of about `chunk` elements ([None]: the whole tensor at once)."""
     shape = tensor.out.shape
-    if (not plan.method.chunkable or tensor.rows is not None or not shape
+    if (not plan.method.chunkable or tensor.whole or tensor.rows is not None or not shape
             or tensor.out.numel <= chunk or not tensor.floating):
         return [None]
     return _row_ranges(shape[0], max(1, chunk // tensor.out.row_elements))
@@ -412,11 +428,20 @@ def _write_weights(plan: MergePlan, merger: _Merger, staging: Path, progress: Op
     def job(tensor: PlannedTensor, rows: Optional[tuple[int, int]], kernel, held) -> Callable[[], None]:
         return lambda: writer.write(tensor.name, merger.merge_chunk(tensor, rows, kernel, held), rows[0] if rows else 0)
 
+    def copy_job(tensor: PlannedTensor, rows: Optional[tuple[int, int]], source: tuple[int, int]):
+        return lambda: writer.copy(tensor.name, source, rows)
+
     try:
         for tensor in plan.tensors:
             ranges = merger.row_ranges(tensor)
-            kernel, held = merger.kernel(tensor, ranges) if tensor.floating and not tensor.computed else (None, None)
-            submitted.append((tensor, [merger.workers.submit(job(tensor, rows, kernel, held)) for rows in ranges]))
+            source = merger.stored_copy(tensor)
+            if source is not None:
+                jobs = [copy_job(tensor, rows, source) for rows in ranges]
+            else:
+                merged = tensor.floating and not tensor.computed
+                kernel, held = merger.kernel(tensor, ranges) if merged else (None, None)
+                jobs = [job(tensor, rows, kernel, held) for rows in ranges]
+            submitted.append((tensor, [merger.workers.submit(j) for j in jobs]))
             report(block=False)
         report(block=True)
         return writer.close()

@@ -226,8 +226,9 @@ def run_merge(config: MergeConfig, output_dir: Path, *, options: MergeOptions = 
         log.warning(warning)
     check_disk(plan, output_dir, cache_dir)
     fetch_inputs(plan, token=token, cache_dir=cache_dir, on_event=say)
-    if isinstance(config, MoEConfig):
-        compute_routers(plan, options, say)
+    background = ThreadPoolExecutor(1, thread_name_prefix="mergeline-routers")
+    if isinstance(config, MoEConfig):  # the experts' tensors stream while the routers are computed
+        plan.computing = background.submit(compute_routers, plan, options, say)
     say(MergeEvent("merging tensor by tensor"))
     sizes = {tensor.name: tensor.out.nbytes for tensor in plan.tensors}
     written = 0
@@ -237,7 +238,10 @@ def run_merge(config: MergeConfig, output_dir: Path, *, options: MergeOptions = 
         written += sizes[name]
         say(MergeEvent(name, done, total, written))
 
-    return execute_plan(plan, output_dir, options, progress=progress)
+    try:
+        return execute_plan(plan, output_dir, options, progress=progress)
+    finally:
+        background.shutdown(cancel_futures=True)
 
 
 def compute_routers(plan: MergePlan, options: MergeOptions, say: EventFn) -> None:

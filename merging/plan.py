@@ -10,6 +10,7 @@ yields the first entry whose filter is a substring of the tensor name.
 
 from __future__ import annotations
 
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
@@ -66,6 +67,7 @@ class PlannedTensor:
     rows: Optional[int] = None  # vocabulary rows the inputs are aligned to, when they differ
     floating: bool = True  # False: an integer buffer, copied from the first input instead of merged
     computed: bool = False  # no inputs: the value is `plan.computed[name]` (a MoE router, a zero bias)
+    whole: bool = False  # merged in one piece even where the method could chunk it (seeded noise per tensor)
 
 
 @dataclass
@@ -79,6 +81,7 @@ class MergePlan:
     warnings: list[str] = field(default_factory=list)
     also_reads: tuple[tuple[int, str], ...] = ()  # (model, tensor) read besides the inputs (a MoE's routers)
     computed: dict[str, torch.Tensor] = field(default_factory=dict)  # values of `computed` tensors, once known
+    computing: Optional[Future] = None  # the work filling `computed` while the other tensors stream
     details: tuple[str, ...] = ()  # lines a dry run shows beside the figures (a MoE's experts and routers)
     side_peak_bytes: int = 0  # memory of work before the tensors stream (a MoE's routers)
 

@@ -130,6 +130,12 @@ class TensorReader:
         return torch.frombuffer(mapped, dtype=header.dtype, count=nbytes // header.dtype.itemsize,
                                 offset=start - page_start).reshape(shape)
 
+    def stored(self, name: str) -> Optional[tuple[int, int]]:
+        """(file descriptor, byte offset) of tensor `name`'s data, for copies that never leave the kernel."""
+        header = self.headers[name]
+        handle, size = self._file(header.file)
+        return (handle.fileno(), header.start) if header.start + header.nbytes <= size else None
+
     def close(self) -> None:
         for handle, _ in self._files.values():
             handle.close()
@@ -216,6 +222,26 @@ class ShardedWriter:
             start += row_offset * spec.row_elements * spec.dtype.itemsize
         os.pwrite(self._handles[index].fileno(), memoryview(data), start)
         if not spec.shape or row_offset + tensor.shape[0] == spec.shape[0]:  # the last rows landed
+            self._written.add(name)
+
+    def copy(self, name: str, source: tuple[int, int], rows: Optional[tuple[int, int]] = None) -> None:
+        """Write output `name` (or its `rows`) as the bytes stored at `source` (a file descriptor and the
+        offset of the tensor's data), copied file to file by the kernel where it can."""
+        index, start, spec = self._where[name]
+        row_bytes = spec.row_elements * spec.dtype.itemsize
+        first, last = rows if rows is not None else (0, spec.shape[0] if spec.shape else 1)
+        offset, left = first * row_bytes, (last - first) * row_bytes
+        src, dst = source[1] + offset, start + offset
+        fd_in, fd_out = source[0], self._handles[index].fileno()
+        while left > 0:
+            try:
+                done = os.copy_file_range(fd_in, fd_out, left, src, dst)
+            except (AttributeError, OSError):  # no such call here, or not between these file systems
+                done = os.pwrite(fd_out, os.pread(fd_in, min(left, 1 << 26), src), dst)
+            if done <= 0:
+                raise OSError(f"{name}: the input ended while copying it")
+            src, dst, left = src + done, dst + done, left - done
+        if rows is None or last == spec.shape[0]:
             self._written.add(name)
 
     def close(self) -> list[str]:

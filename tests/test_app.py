@@ -5,7 +5,7 @@ from __future__ import annotations
 import zipfile
 from pathlib import Path
 
-from app import DEMO_EXAMPLE, MergelineApp, Settings
+from app import DEMO_EXAMPLE, DEMO_MOE_EXAMPLE, MergelineApp, Settings, examples
 
 
 def test_validate_reports_a_bad_config(client):
@@ -33,6 +33,19 @@ def test_demo_merge_then_upload(client, mergeline_app, hub):
     landed = hub.repos[f"app-user/{name}"]
     assert {"model.safetensors", "README.md", "config.json", "mergekit_config.yml"} <= set(landed.files())
     assert "base_model_relation: merge" in (landed.root / "README.md").read_text()
+
+
+def test_mixture_of_experts_in_the_space(client, mergeline_app):
+    assert "Mixture of experts (LazyMergeKit style, 4x7B)" in examples()  # the Hub example beside the demo
+    config = mergeline_app.example_config(DEMO_MOE_EXAMPLE)
+    report, preview = client.predict(config, api_name="/validate")
+    assert "The config is valid" in report and "output: MixtralForCausalLM, 2 experts, 1 per token" in report
+    assert "routers: hidden from 5 prompts" in report and "demo-code" in preview.replace("&quot;", '"')
+    log, result, archive, name = client.predict(config, api_name="/merge")
+    assert "Merged" in result and "computing routers (hidden)" in log and "routers: layer 4/4" in log
+    assert name == "demo-base-demo-chat-demo-code-moe"
+    with zipfile.ZipFile(archive) as bundle:
+        assert f"{name}/mergekit_moe_config.yml" in bundle.namelist()
 
 
 def test_merge_error_is_one_line_and_leaves_no_job(client, app_settings):

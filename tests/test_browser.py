@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from app import DEMO_MOE_EXAMPLE
+
 CHROMIUM = os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
 FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
          "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
@@ -81,6 +83,22 @@ def test_demo_merge_and_lineage_in_the_browser(browser, app_url, shots):
     page.locator("#report").get_by_text("unknown method").wait_for(timeout=30_000)
     assert "The config is valid" not in page.locator("#report").inner_text()
     assert page.locator("#preview iframe").count() == 0
+    page.close()
+
+
+def test_mixture_of_experts_example_in_the_browser(browser, app_url, shots):
+    page = browser.new_page(viewport=VIEWPORTS["desktop"])
+    page.goto(app_url)
+    page.get_by_label("Examples").click()
+    page.get_by_role("option", name=DEMO_MOE_EXAMPLE).click()
+    page.locator(".cm-content").get_by_text("gate_mode: hidden").wait_for(timeout=30_000)
+    page.get_by_role("button", name="Validate").click()
+    page.locator("#report").get_by_text("output: MixtralForCausalLM").wait_for(timeout=60_000)
+    page.get_by_role("button", name="Merge", exact=True).click()
+    page.locator("#merge-result").get_by_text("Merged").wait_for(timeout=120_000)
+    log = page.locator("#merge-log textarea").input_value()
+    assert "computing routers (hidden)" in log and "routers: layer 4/4" in log and "Done:" in log
+    page.screenshot(path=str(shots / "merge-tab-moe.png"), full_page=True)
     page.close()
 
 

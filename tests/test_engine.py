@@ -90,6 +90,24 @@ dtype: float16
     generate(tmp_path / "out")
 
 
+@pytest.mark.parametrize("kernel_copy", [True, False], ids=["copy_file_range", "read-write"])
+def test_passthrough_copies_stored_bytes_without_merging(kernel_copy, llama, tmp_path, monkeypatch):
+    """A tensor the merge returns unchanged is copied file to file, in row chunks, bit for bit."""
+    import os
+
+    from merging.execute import _Merger
+
+    if not kernel_copy:  # a file system (or platform) without copy_file_range falls back to read and write
+        monkeypatch.setattr(os, "copy_file_range", lambda *args: (_ for _ in ()).throw(OSError(18, "EXDEV")),
+                            raising=False)
+    monkeypatch.setattr(_Merger, "merge_chunk", lambda *args: pytest.fail("a verbatim copy was merged"))
+    base = llama.base()
+    text = f"slices:\n  - sources: [{{model: {base}, layer_range: [0, 4]}}]\nmerge_method: passthrough\n"
+    run_merge(parse_config(text), tmp_path / "out", options=MergeOptions(chunk_elements=100))
+    merged, src = load_state(tmp_path / "out"), load_state(base)
+    assert set(merged) == set(src) and all(torch.equal(merged[n], src[n]) for n in src)
+
+
 def test_sharded_output_with_index_loads(mistral, tmp_path):
     base, ft1, ft2 = mistral.base(), mistral.finetune(1), mistral.finetune(2)
     text = TIES_CONFIG.format(base=base, ft1=ft1, ft2=ft2) + "dtype: float32\nout_dtype: bfloat16\n"

@@ -111,6 +111,9 @@ class MergeMethod:
     options: dict[str, Any] = field(default_factory=dict, compare=False)
     # Checks that span parameters, on the values resolved for one tensor: a problem in one line, or None.
     check: Optional[Callable[[dict[str, Any]], Optional[str]]] = None
+    # Whether the method, with these resolved parameters, returns its single input unchanged (a
+    # passthrough without scale): the engine then copies the stored bytes instead of merging them.
+    copies: Optional[Callable[[dict[str, Any]], bool]] = None
     reference: str = ""
 
     def __post_init__(self) -> None:
@@ -248,13 +251,16 @@ register(MergeMethod("ramplus_tl", "RAM+ (tensor-local)", BasePolicy.REQUIRED,
                      merge_ref="selective:ramplus_tl", reference="https://arxiv.org/abs/2601.13572"))
 register(MergeMethod("passthrough", "Passthrough", BasePolicy.IGNORED,
                      (Parameter("scale", float, None, per_model=True, optional=True),),
-                     max_models=1, chunkable=True, merge_ref="linear:passthrough"))
+                     max_models=1, chunkable=True, merge_ref="linear:passthrough",
+                     copies=lambda params: params["scale"] == [None]))
 
 # Not a `merge_method`: the copy a mixture of experts (`merging.moe`) makes of each expert's tensors,
-# with mergekit-moe's per-expert noise and residual scale. It streams through the engine like a merge.
+# with mergekit-moe's per-expert noise and residual scale. It streams through the engine like a merge, in
+# chunks, except tensors with noise: those are planned `whole`, so the noise follows the seed alone.
 EXPERT_COPY = MergeMethod("moe", "Mixture of Experts", BasePolicy.IGNORED,
                           (Parameter("noise_scale", float, None, optional=True),
                            Parameter("residual_scale", float, None, optional=True)),
-                          max_models=1, randomized=True, merge_ref="linear:expert_copy",
+                          max_models=1, randomized=True, chunkable=True, merge_ref="linear:expert_copy",
                           narrow_ref="linear:expert_copy_narrow",
+                          copies=lambda params: params["noise_scale"] is None and params["residual_scale"] is None,
                           reference="https://github.com/arcee-ai/mergekit/blob/main/docs/moe.md")

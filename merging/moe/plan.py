@@ -164,7 +164,8 @@ def build_moe_plan(config: MoEConfig, sources: dict[ModelRef, ModelSource]) -> M
         params = {"noise_scale": expert.noise_scale if expert else None,
                   "residual_scale": expert.residual_scale if expert and residual else None}
         tensors.append(PlannedTensor(name, OutputTensor(name, dtype, header.shape), ((index_of[source.ref], in_name),),
-                                     None, params, floating=header.dtype.is_floating_point))
+                                     None, params, floating=header.dtype.is_floating_point,
+                                     whole=params["noise_scale"] is not None))
 
     def computed_tensor(name: str, shape: tuple[int, ...], dtype: torch.dtype, value=None) -> None:
         tensors.append(PlannedTensor(name, OutputTensor(name, dtype, shape), (), None, {}, computed=True))
