@@ -35,6 +35,7 @@ from merging import HostedLimits, MergeError, MergeEvent, MergeOptions, load_con
 from merging.cleanup import remove_orphans
 from merging.demo import demo_config, demo_moe_config
 from merging.errors import HubUnreachable
+from merging.extract import plan_extraction, run_extraction
 from merging.hub import Token, request_token
 from merging.upload import suggest_repo_name, upload_merge
 
@@ -188,34 +189,59 @@ class MergelineApp:
         """Plan, download, merge; streams the log (a line per step, per downloaded file and per
         twentieth of the tensors, with time and throughput)."""
         cleanup_job(job)  # one result per session: a new merge replaces the last
-        lines: list[str] = []
         try:
             config = load_config(config_text, limits=self.limits)
         except MergeError as exc:
             yield MergeView(log=f"error: {explain(exc)}", result=error_markdown(exc))
             return
-        job_dir = Path(tempfile.mkdtemp(prefix="job-", dir=self.session_dir(request)))
-        name = suggest_repo_name(config)
-        output = job_dir / name
-        events: "queue.Queue[object]" = queue.Queue()
         token = self.token(None, oauth_token)
 
-        def work() -> None:
+        def work(output: Path, cache: Path, on_event) -> None:
+            run_merge(config, output, options=MergeOptions(device="auto"), token=token, cache_dir=cache,
+                      limits=self.limits, on_event=on_event)
+
+        yield from self._stream_job(suggest_repo_name(config), "Merged", work, request, progress)
+
+    def extract_lora(self, finetuned: str, base: str, rank: float, modules: str, job: Optional[dict],
+                     oauth_token: Optional[gr.OAuthToken] = None, request: Optional[gr.Request] = None,
+                     progress=gr.Progress()):
+        """Extract a LoRA adapter from a fine-tune and its base; streams its log like a merge."""
+        cleanup_job(job)
+        token = self.token(None, oauth_token)
+        rank = int(rank or 0)
+        name = re.sub(r"[^A-Za-z0-9.-]+", "-", (finetuned or "model").strip().rstrip("/").split("/")[-1])[:80]
+
+        def work(output: Path, cache: Path, on_event) -> None:
+            plan = plan_extraction(finetuned.strip(), base.strip(), rank, modules=split_names(modules), token=token,
+                                   cache_dir=cache, limits=self.limits)
+            on_event(MergeEvent("\n".join(plan.summary())))
+            run_extraction(plan, output, device="auto", token=token, cache_dir=cache, on_event=on_event)
+
+        yield from self._stream_job(f"{name}-lora-r{rank}", "Extracted", work, request, progress)
+
+    def _stream_job(self, name: str, verb: str, work, request: Optional[gr.Request], progress):
+        """Run `work(output, cache, on_event)` in a thread of its own, streaming its events into the log,
+        then offer the result as a zip and for upload; a failure is one line and leaves nothing."""
+        lines: list[str] = []
+        job_dir = Path(tempfile.mkdtemp(prefix="job-", dir=self.session_dir(request)))
+        output = job_dir / name
+        events: "queue.Queue[object]" = queue.Queue()
+
+        def run() -> None:
             cache = job_dir / "hub-cache"
             try:
-                run_merge(config, output, options=MergeOptions(device="auto"), token=token, cache_dir=cache,
-                          limits=self.limits, on_event=events.put)
+                work(output, cache, events.put)
                 events.put(None)
             except MergeError as exc:
                 events.put(exc)
             except Exception as exc:  # noqa: BLE001 - a bug: log it, show one line, keep the app alive
-                log.exception("merge failed")
-                events.put(RuntimeError(f"internal error ({type(exc).__name__}); the merge stopped and nothing "
+                log.exception("%s failed", name)
+                events.put(RuntimeError(f"internal error ({type(exc).__name__}); the work stopped and nothing "
                                         f"was written"))
             finally:
                 shutil.rmtree(cache, ignore_errors=True)
 
-        threading.Thread(target=work, name="mergeline-merge", daemon=True).start()
+        threading.Thread(target=run, name="mergeline-job", daemon=True).start()
         started, reported = time.perf_counter(), 0
         while True:
             event = events.get()
@@ -224,7 +250,7 @@ class MergelineApp:
                     lines.append(event.message)
                     started = time.perf_counter()
                 else:
-                    progress((event.done, event.total), desc="Merging", unit="tensors")
+                    progress((event.done, event.total), desc="Working", unit="tensors")
                     if event.done == event.total or event.done - reported >= max(1, event.total // 20):
                         lines.append(event.describe(time.perf_counter() - started))
                         reported = event.done
@@ -245,7 +271,7 @@ class MergelineApp:
                     bundle.write(path, f"{name}/{path.name}")
         lines.append(f"Done: {len(list(output.iterdir()))} files, {size / 1e6:.1f} MB")
         where = "" if self.settings.hosted else f" in `{output}`"
-        result = f"**Merged{where}.** Upload it below" + (", or download the files." if archive else ".")
+        result = f"**{verb}{where}.** Upload it below" + (", or download the files." if archive else ".")
         yield MergeView("\n".join(lines), result, str(archive) if archive else None,
                         {"dir": str(job_dir), "output": str(output)}, name)
 
@@ -322,6 +348,17 @@ class MergelineApp:
                 with gr.Row():
                     validate_button = gr.Button("Validate", elem_id="validate")
                     merge_button = gr.Button("Merge", variant="primary", elem_id="merge")
+                with gr.Accordion("Or extract a LoRA adapter from a fine-tune and its base", open=False,
+                                  elem_id="extract"):
+                    with gr.Row():
+                        finetuned = gr.Textbox(label="Fine-tuned model", placeholder="org/model-ft",
+                                               elem_id="extract-finetuned")
+                        extract_base = gr.Textbox(label="Its base model", placeholder="org/model",
+                                                  elem_id="extract-base")
+                        rank = gr.Number(16, label="Rank", precision=0, minimum=1, elem_id="extract-rank")
+                    modules = gr.Textbox(label="Layer weights to decompose (optional)",
+                                         placeholder="q_proj, v_proj (default: every 2-D layer weight)")
+                    extract_button = gr.Button("Extract LoRA", elem_id="extract-button")
                 report = gr.Markdown(elem_id="report")
                 preview = gr.HTML(elem_id="preview")
                 result = gr.Markdown(elem_id="merge-result")
@@ -344,6 +381,9 @@ class MergelineApp:
                 merge_button.click(self.merge, [config, job], [merge_log, result, archive, job, repo_name],
                                    api_name="merge", concurrency_limit=1, concurrency_id="merge",
                                    show_progress_on=[result])
+                extract_button.click(self.extract_lora, [finetuned, extract_base, rank, modules, job],
+                                     [merge_log, result, archive, job, repo_name], api_name="extract_lora",
+                                     concurrency_limit=1, concurrency_id="merge", show_progress_on=[result])
                 # Gradio's own autoscroll misses streamed updates: keep the last line in view.
                 merge_log.change(None, None, None, js=SCROLL_LOG_TO_END, queue=False, api_visibility="private")
                 upload_button.click(self.upload, [job, repo_name, private, token], upload_result, api_name="upload",
@@ -387,6 +427,11 @@ def weights_text(graph, node: str) -> str:
     if suggestion:
         parts.append(f"suggested parent {suggestion['id']} (cosine {suggestion['cosine']:.2f})")
     return "; ".join(parts)
+
+
+def split_names(text: Optional[str]) -> tuple[str, ...]:
+    """`q_proj, v_proj` -> ("q_proj", "v_proj")."""
+    return tuple(part.strip() for part in (text or "").split(",") if part.strip())
 
 
 def cleanup_job(job: Optional[dict]) -> None:

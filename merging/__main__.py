@@ -1,7 +1,7 @@
 """Command line: ``python -m merging CONFIG.yml OUTPUT_DIR [options]``.
 
 Every user-caused failure is one line on stderr and exit status 2; SIGINT and SIGTERM leave
-nothing behind either. torch loads only after the arguments parse, so ``--help`` is instant.
+nothing behind either (`cli`). torch loads only after the arguments parse, so ``--help`` is instant.
 """
 
 from __future__ import annotations
@@ -10,9 +10,7 @@ import argparse
 import logging
 import os
 import re
-import signal
 import sys
-import time
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -49,39 +47,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class Terminated(BaseException):
-    """SIGTERM, raised in the main thread so the merge unwinds and removes its staging folder."""
-
-
-def _terminate(signum, frame) -> None:
-    raise Terminated()
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
-    from .errors import MergeError
+    from .cli import progress_printer, run_guarded
     from .execute import MergeOptions
-    from .pipeline import MergeEvent, load_config, plan_merge, run_merge, summarize
+    from .pipeline import load_config, plan_merge, run_merge, summarize
     from .upload import upload_merge
 
     token = os.environ.get("HF_TOKEN") or None
-    previous = signal.signal(signal.SIGTERM, _terminate)
 
-    started = time.perf_counter()
-
-    def report(event: MergeEvent) -> None:
-        nonlocal started
-        if args.quiet:
-            return
-        if event.is_progress:
-            line = event.describe(time.perf_counter() - started)
-            print(f"\r{line[:110]:<110}", end="" if event.done < event.total else "\n", file=sys.stderr)
-        else:
-            print(event.message, file=sys.stderr)
-            started = time.perf_counter()
-
-    try:
+    def work() -> int:
         config = load_config(args.config)
         if args.dry_run:
             plan = plan_merge(config, token=token, allow_pickle=args.allow_pickle)
@@ -90,22 +66,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         options = MergeOptions(device=args.device, seed=args.seed, out_shard_bytes=args.out_shard_size,
                                workers=args.workers)
         files = run_merge(config, args.output_dir, options=options, token=token, allow_pickle=args.allow_pickle,
-                          on_event=report)
+                          on_event=progress_printer(args.quiet))
         url = upload_merge(args.output_dir, args.push_to, token or "", private=args.private) if args.push_to else None
-    except MergeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("error: interrupted; nothing was written", file=sys.stderr)
-        return 130
-    except Terminated:
-        print("error: terminated; nothing was written", file=sys.stderr)
-        return 128 + signal.SIGTERM
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    if not args.quiet:
-        print(f"wrote {len(files)} files to {args.output_dir}" + (f"; uploaded to {url}" if url else ""))
-    return 0
+        if not args.quiet:
+            print(f"wrote {len(files)} files to {args.output_dir}" + (f"; uploaded to {url}" if url else ""))
+        return 0
+
+    return run_guarded(work)
 
 
 if __name__ == "__main__":

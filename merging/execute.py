@@ -15,6 +15,7 @@ included, has been written.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -25,7 +26,7 @@ from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -384,28 +385,37 @@ def _staging_dir(output_dir: Path) -> Path:
         raise _cannot_create(output_dir, exc) from None
 
 
+@contextlib.contextmanager
+def staged_output(output_dir: Path, nbytes: int) -> Iterator[Path]:
+    """A staging folder beside `output_dir` that becomes it when the block completes, and leaves
+    nothing behind when it fails (a full disk is one line that says how much to free)."""
+    output_dir = Path(output_dir)
+    check_output_dir(output_dir)
+    staging = _staging_dir(output_dir)
+    try:
+        yield staging
+        staging.rename(output_dir)
+    except BaseException as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        if disk_full(exc):
+            raise MergeError(f"disk: the disk holding {output_dir.parent} filled up while writing; nothing was left "
+                             f"there: free {nbytes / 1e9:.1f} GB or choose another OUTPUT_DIR") from None
+        raise
+
+
 def execute_plan(plan: MergePlan, output_dir: Path, options: MergeOptions = MergeOptions(),
                  progress: Optional[ProgressFn] = None) -> list[str]:
     """Merge into `output_dir`, which must not exist. Returns the files written."""
     output_dir = Path(output_dir)
-    check_output_dir(output_dir)
-    staging = _staging_dir(output_dir)
-    merger = _Merger(plan, options)
-    try:
-        with HeapReuse(), native.enabled(options.native):
-            files = _write_weights(plan, merger, staging, progress)
-        files += write_side_files(plan, staging, title=output_dir.name)
-        staging.rename(output_dir)
-        return sorted(files)
-    except BaseException as exc:
-        shutil.rmtree(staging, ignore_errors=True)
-        if disk_full(exc):
-            raise MergeError(f"disk: the disk holding {output_dir.parent} filled up while writing the merge; "
-                             f"nothing was left there: free {plan.output_bytes / 1e9:.1f} GB or choose another "
-                             f"OUTPUT_DIR") from None
-        raise
-    finally:
-        merger.close()
+    with staged_output(output_dir, plan.output_bytes) as staging:
+        merger = _Merger(plan, options)
+        try:
+            with HeapReuse(), native.enabled(options.native):
+                files = _write_weights(plan, merger, staging, progress)
+            files += write_side_files(plan, staging, title=output_dir.name)
+        finally:
+            merger.close()
+    return sorted(files)
 
 
 def _write_weights(plan: MergePlan, merger: _Merger, staging: Path, progress: Optional[ProgressFn]) -> list[str]:

@@ -175,20 +175,20 @@ def shard_layout(tensors: Sequence[OutputTensor], max_shard_bytes: int) -> list[
     return shards if shards[0] else []
 
 
-def shard_file_names(count: int) -> list[str]:
+def shard_file_names(count: int, stem: str = "model") -> list[str]:
     if count == 1:
-        return ["model.safetensors"]
-    return [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+        return [f"{stem}.safetensors"]
+    return [f"{stem}-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
 
 
 class ShardedWriter:
     """Writes a checkpoint whose tensor list is known in advance, tensor by tensor, in any order."""
 
     def __init__(self, directory: Path, tensors: Sequence[OutputTensor], max_shard_bytes: int,
-                 metadata: Optional[dict[str, str]] = None):
-        self.directory = directory
+                 metadata: Optional[dict[str, str]] = None, stem: str = "model"):
+        self.directory, self.stem = directory, stem
         self.shards = shard_layout(tensors, max_shard_bytes)
-        self.names = shard_file_names(len(self.shards))
+        self.names = shard_file_names(len(self.shards), stem)
         self._where: dict[str, tuple[int, int, OutputTensor]] = {}
         self._handles: list[BinaryIO] = []
         self._written: set[str] = set()
@@ -258,8 +258,9 @@ class ShardedWriter:
                 "metadata": {"total_size": sum(t.nbytes for shard in self.shards for t in shard)},
                 "weight_map": {t.name: file for file, shard in zip(self.names, self.shards) for t in shard},
             }
-            (self.directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-            files.append("model.safetensors.index.json")
+            index_name = f"{self.stem}.safetensors.index.json"
+            (self.directory / index_name).write_text(json.dumps(index, indent=2) + "\n")
+            files.append(index_name)
         return files
 
     def abort(self) -> None:

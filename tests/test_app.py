@@ -48,6 +48,23 @@ def test_mixture_of_experts_in_the_space(client, mergeline_app):
         assert f"{name}/mergekit_moe_config.yml" in bundle.namelist()
 
 
+def test_extract_a_lora_in_the_space_then_upload(client, mergeline_app, hub):
+    from merging.demo import ensure_demo_models
+
+    models = ensure_demo_models(mergeline_app.settings.demo_models)
+    log, result, archive, name = client.predict(str(models["demo-chat"]), str(models["demo-base"]), 4,
+                                                "q_proj, v_proj", api_name="/extract_lora")
+    assert result.startswith("**Extracted") and "LoRA of rank 4 on 8 weights (q_proj, v_proj)" in log
+    assert "the rank keeps" in log and name == "demo-chat-lora-r4"
+    with zipfile.ZipFile(archive) as bundle:
+        assert {f"{name}/adapter_config.json", f"{name}/adapter_model.safetensors"} <= set(bundle.namelist())
+    hub.write_tokens["hf_app_token"] = "app-user"
+    message = client.predict(name, False, "hf_app_token", api_name="/upload")
+    assert "Uploaded:" in message and "adapter_model.safetensors" in set(hub.repos[f"app-user/{name}"].files())
+    log, result, archive, name = client.predict(str(models["demo-chat"]), "org/nope", 4, "", api_name="/extract_lora")
+    assert result.startswith("**Error:**") and "org/nope" in result and archive is None
+
+
 def test_merge_error_is_one_line_and_leaves_no_job(client, app_settings):
     log, result, archive, name = client.predict("merge_method: slerp\nmodels:\n  - model: org/nope\n",
                                                 api_name="/merge")

@@ -1,0 +1,58 @@
+"""What both merge command lines share: progress lines, and failures as one line with an exit status.
+
+Every user-caused failure is one line on stderr and exit status 2; SIGINT and SIGTERM unwind the
+work (removing its staging folder) and say that nothing was written.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import time
+from typing import Callable
+
+from .errors import MergeError
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so the work unwinds and removes its staging folder."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated()
+
+
+def progress_printer(quiet: bool) -> Callable:
+    """An `on_event` that prints log lines, and progress lines that overwrite each other, on stderr."""
+    started = time.perf_counter()
+
+    def report(event) -> None:
+        nonlocal started
+        if quiet:
+            return
+        if event.is_progress:
+            line = event.describe(time.perf_counter() - started)
+            print(f"\r{line[:110]:<110}", end="" if event.done < event.total else "\n", file=sys.stderr)
+        else:
+            print(event.message, file=sys.stderr)
+            started = time.perf_counter()
+
+    return report
+
+
+def run_guarded(work: Callable[[], int]) -> int:
+    """`work()`'s exit status, or 2 / 130 / 143 with one line on stderr for what stopped it."""
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return work()
+    except MergeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    except Terminated:
+        print("error: terminated; nothing was written", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    finally:
+        signal.signal(signal.SIGTERM, previous)
