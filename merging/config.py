@@ -11,15 +11,16 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, ClassVar, Iterator, Optional, Sequence, Union
 
 import yaml
 
 from . import untrusted_yaml
 from .chat_templates import BUILTIN as BUILTIN_CHAT_TEMPLATES
-from .errors import MergeError, did_you_mean
+from .errors import MergeError, check_keys, did_you_mean
 from .methods import REGISTRY, BasePolicy, MergeMethod, Parameter
 from .refs import ModelRef, parse_model_ref, shown
+from .tokens import RefParser, TokenizerSpec, check_token_models, parse_tokenizer
 
 if TYPE_CHECKING:
     from .moe import MoEConfig
@@ -79,11 +80,11 @@ class MergeConfig:
     parameters: dict[str, Setting]
     dtype: Optional[str]  # a torch dtype's name (`DTYPES`)
     out_dtype: Optional[str]
-    tokenizer_source: Optional[Union[str, ModelRef]]  # "base", a model, or None
     chat_template: Optional[str]
     text: str  # the YAML as the user wrote it, embedded in the model card
     warnings: tuple[str, ...] = ()  # legitimate but unusual values, for the log and the card
     mapping: dict = field(default_factory=dict, compare=False, repr=False)  # the YAML as read, validated
+    tokenizer: Optional[TokenizerSpec] = None  # rows aligned by token string (`vocabulary`)
 
     config_file: ClassVar[str] = "mergekit_config.yml"  # where the output keeps the config as written
 
@@ -106,16 +107,9 @@ class MergeConfig:
                 seen[out.base_model] = None
             for source in out.sources:
                 seen[source.model] = None
-        if isinstance(self.tokenizer_source, ModelRef):
-            seen[self.tokenizer_source] = None
+        if self.tokenizer is not None and isinstance(self.tokenizer.source, ModelRef):
+            seen[self.tokenizer.source] = None
         return list(seen)
-
-
-def _check_keys(mapping: dict, allowed: tuple[str, ...], where: str) -> None:
-    for key in mapping:
-        if key not in allowed:
-            raise MergeError(f"{where}{key}: unknown key{did_you_mean(str(key), allowed)}; "
-                             f"allowed here: {', '.join(allowed)}")
 
 
 def _check_scalar(value: Any, param: Parameter, where: str) -> Scalar:
@@ -164,7 +158,7 @@ def _parse_setting(raw: Any, param: Parameter, where: str, allow_filters: bool =
 def _parse_conditional(raw: Any, param: Parameter, where: str) -> Conditional:
     if not isinstance(raw, dict):
         raise MergeError(f"{where}: expected an entry with 'filter' and 'value'")
-    _check_keys(raw, ("filter", "value"), f"{where}.")
+    check_keys(raw, ("filter", "value"), f"{where}.")
     if "value" not in raw:
         raise MergeError(f"{where}: a filtered entry needs a 'value'")
     filt = raw.get("filter")
@@ -233,7 +227,7 @@ def parse_config(text: str, *, base_dir: Optional[Path] = None,
         from .moe import parse_moe_config
 
         return parse_moe_config(raw, text, base_dir=base_dir, local_roots=local_roots)
-    _check_keys(raw, _TOP_KEYS, "")
+    check_keys(raw, _TOP_KEYS, "")
 
     method_name = raw.get("merge_method")
     if not isinstance(method_name, str):
@@ -244,9 +238,8 @@ def parse_config(text: str, *, base_dir: Optional[Path] = None,
                          f"supported: {', '.join(sorted(REGISTRY))}")
     if raw.get("modules") is not None:
         raise MergeError("modules: multi-module configs are not supported yet; use models or slices")
-    if raw.get("tokenizer") is not None:
-        raise MergeError("tokenizer: the tokenizer block is not supported yet; use tokenizer_source: base "
-                         "or a model reference")
+    if raw.get("tokenizer") is not None and raw.get("tokenizer_source") is not None:
+        raise MergeError("tokenizer_source: give either tokenizer_source or the tokenizer block, not both")
 
     def ref(value: Any, where: str) -> ModelRef:
         return parse_model_ref(value, where, base_dir, local_roots)
@@ -263,15 +256,19 @@ def parse_config(text: str, *, base_dir: Optional[Path] = None,
         slices = _parse_slices(raw["slices"], method, ref)
 
     parameters = _parse_parameters(raw.get("parameters"), method, "parameters")
-    tokenizer_source = _parse_tokenizer_source(raw.get("tokenizer_source"), base_model, ref)
+    tokenizer = _parse_tokenizer_source(raw.get("tokenizer_source"), base_model, ref)
+    if raw.get("tokenizer") is not None:
+        tokenizer = parse_tokenizer(raw["tokenizer"], ref)
     chat_template = _parse_chat_template(raw.get("chat_template"))
 
     config = MergeConfig(
         method=method, base_model=base_model, models=models, slices=slices, parameters=parameters,
         dtype=_parse_dtype(raw.get("dtype"), "dtype"), out_dtype=_parse_dtype(raw.get("out_dtype"), "out_dtype"),
-        tokenizer_source=tokenizer_source, chat_template=chat_template, text=text,
+        chat_template=chat_template, text=text, tokenizer=tokenizer,
     )
     _check_input_counts(config)
+    if tokenizer is not None:
+        check_token_models(tokenizer, config.referenced_models())
     return dataclasses.replace(config, warnings=tuple(_unusual_values(config)), mapping=raw)
 
 
@@ -305,9 +302,6 @@ def _unusual_values(config: MergeConfig) -> Iterator[str]:
                        f"check that it is meant")
 
 
-RefParser = Callable[[Any, str], ModelRef]
-
-
 def _non_empty_list(raw: Any, where: str, of: str) -> list:
     if not isinstance(raw, list) or not raw:
         raise MergeError(f"{where}: must be a non-empty list of {of}")
@@ -322,7 +316,7 @@ def _parse_models(raw: Any, method: MergeMethod, ref: RefParser) -> tuple[ModelE
             item = {"model": item}
         if not isinstance(item, dict) or "model" not in item:
             raise MergeError(f"{where}: each entry needs a 'model' key")
-        _check_keys(item, _MODEL_KEYS, f"{where}.")
+        check_keys(item, _MODEL_KEYS, f"{where}.")
         params = _parse_parameters(item.get("parameters"), method, f"{where}.parameters")
         entries.append(ModelEntry(ref(item["model"], f"{where}.model"), params))
     seen = set()
@@ -339,7 +333,7 @@ def _parse_slices(raw: Any, method: MergeMethod, ref: RefParser) -> tuple[Output
         where = f"slices[{i}]"
         if not isinstance(item, dict):
             raise MergeError(f"{where}: each slice is a mapping with 'sources'")
-        _check_keys(item, _SLICE_KEYS, f"{where}.")
+        check_keys(item, _SLICE_KEYS, f"{where}.")
         if "residual_weight" in item:
             raise MergeError(f"{where}.residual_weight: not supported (mergekit ignores it too); remove it")
         sources = []
@@ -348,7 +342,7 @@ def _parse_slices(raw: Any, method: MergeMethod, ref: RefParser) -> tuple[Output
             src_where = f"{where}.sources[{j}]"
             if not isinstance(src, dict) or "model" not in src:
                 raise MergeError(f"{src_where}: each source needs 'model' and 'layer_range'")
-            _check_keys(src, _SOURCE_KEYS, f"{src_where}.")
+            check_keys(src, _SOURCE_KEYS, f"{src_where}.")
             if "layer_range" not in src:
                 raise MergeError(f"{src_where}.layer_range: required, e.g. [0, 32] (end exclusive)")
             sources.append(SliceSource(
@@ -366,16 +360,13 @@ def _parse_slices(raw: Any, method: MergeMethod, ref: RefParser) -> tuple[Output
     return tuple(result)
 
 
-def _parse_tokenizer_source(raw: Any, base: Optional[ModelRef], ref: RefParser) -> Optional[Union[str, ModelRef]]:
+def _parse_tokenizer_source(raw: Any, base: Optional[ModelRef], ref: RefParser) -> Optional[TokenizerSpec]:
+    """`tokenizer_source: union | base | <model>`: the `tokenizer:` block's source alone, as in mergekit."""
     if raw is None:
         return None
-    if raw == "union":
-        raise MergeError("tokenizer_source: 'union' is not supported yet; use 'base' or a model reference")
-    if raw == "base":
-        if base is None:
-            raise MergeError("tokenizer_source: 'base' needs a base_model; set base_model or name a model")
-        return "base"
-    return ref(raw, "tokenizer_source")
+    if raw == "base" and base is None:
+        raise MergeError("tokenizer_source: 'base' needs a base_model; set base_model or name a model")
+    return TokenizerSpec(raw if raw in ("union", "base") else ref(raw, "tokenizer_source"))
 
 
 def _parse_chat_template(raw: Any) -> Optional[str]:

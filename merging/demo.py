@@ -18,14 +18,17 @@ _CONFIG = {
 }
 
 
-def write_tokenizer(directory: Path, vocab: int, chat_template: str | None = None) -> None:
-    """A word-level tokenizer (`w0 w1 ...`) that transformers loads with PreTrainedTokenizerFast."""
+def write_tokenizer(directory: Path, vocab: int, chat_template: str | None = None,
+                    added: tuple[str, ...] = ()) -> None:
+    """A word-level tokenizer (`w0 w1 ...`, `vocab` of them with the specials) that transformers loads
+    with PreTrainedTokenizerFast; `added` tokens (ChatML's, say) follow at ids `vocab`, `vocab + 1`..."""
     specials = ["<unk>", "<s>", "</s>"]
-    words = specials + [f"w{i}" for i in range(vocab - len(specials))]
+    words = specials + [f"w{i}" for i in range(vocab - len(specials))] + list(added)
+    special_ids = list(range(len(specials))) + list(range(vocab, vocab + len(added)))
     tokenizer = {
         "version": "1.0", "truncation": None, "padding": None,
-        "added_tokens": [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
-                          "normalized": False, "special": True} for i, t in enumerate(specials)],
+        "added_tokens": [{"id": i, "content": words[i], "single_word": False, "lstrip": False, "rstrip": False,
+                          "normalized": False, "special": True} for i in special_ids],
         "normalizer": None, "pre_tokenizer": {"type": "WhitespaceSplit"}, "post_processor": None, "decoder": None,
         "model": {"type": "WordLevel", "vocab": {w: i for i, w in enumerate(words)}, "unk_token": "<unk>"},
     }

@@ -34,3 +34,11 @@ def did_you_mean(word: str, choices: Iterable[str]) -> str:
     """A ` (did you mean 'x'?)` suffix for the closest choice, or ``""`` when nothing is close."""
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def check_keys(mapping: dict, allowed: tuple[str, ...], where: str) -> None:
+    """Refuse a key outside `allowed`, naming it (after `where`) with the closest allowed one."""
+    for key in mapping:
+        if key not in allowed:
+            raise MergeError(f"{where}{key}: unknown key{did_you_mean(str(key), allowed)}; "
+                             f"allowed here: {', '.join(allowed)}")

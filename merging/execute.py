@@ -85,23 +85,6 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _align_rows(tensors: list[torch.Tensor], rows: int) -> list[torch.Tensor]:
-    """Truncate or extend vocabulary tensors to `rows`; extra rows take the mean of the inputs that have them."""
-    result = [t[:rows] for t in tensors]
-    longest = max(t.shape[0] for t in result)
-    if longest < rows:
-        raise MergeError(f"no input has the {rows} vocabulary rows the tokenizer source needs")
-    for i, t in enumerate(result):
-        if t.shape[0] < rows:
-            missing_from = t.shape[0]
-            fills = []
-            for start in range(missing_from, rows):
-                donors = [o[start] for o in result if o.shape[0] > start]
-                fills.append(torch.stack(donors).float().mean(dim=0).to(t.dtype))
-            result[i] = torch.cat([t, torch.stack(fills)])
-    return result
-
-
 class _Merger:
     """Reads, converts and merges one planned tensor at a time, in row chunks where the method allows."""
 
@@ -184,13 +167,17 @@ class _Merger:
     def loaded(self, tensor: PlannedTensor, inputs: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.dtype]:
         """`tensor`'s inputs as mergekit loads them (cast to the config's dtype) on the compute
         device, and the dtype to compute in: float32, or float64 when anything asks for it."""
-        if tensor.rows is not None:
-            inputs = _align_rows(inputs, tensor.rows)
         config_dtype = torch_dtype(self.plan.config.dtype)
+        inputs = [t.to(config_dtype) if config_dtype else t for t in inputs]
+        if tensor.rows is not None and self.plan.vocabulary is not None:
+            refs = [self.plan.models[model].ref for model, _ in tensor.inputs]
+            aligned = self.plan.vocabulary.align(dict(zip(refs, inputs)))
+            inputs = [aligned[ref] for ref in refs]
+        elif tensor.rows is not None:  # vocabularies of different sizes, truncated to the common rows
+            inputs = [t[:tensor.rows] for t in inputs]
         wide = config_dtype == torch.float64 or tensor.out.dtype == torch.float64 or any(
             t.dtype == torch.float64 for t in inputs)
-        return [(t.to(config_dtype) if config_dtype else t).to(self.device) for t in inputs], \
-            torch.float64 if wide else torch.float32
+        return [t.to(self.device) for t in inputs], torch.float64 if wide else torch.float32
 
     def to_compute(self, tensor: PlannedTensor, inputs: list[torch.Tensor], compute: Optional[torch.dtype] = None,
                    as_loaded: bool = False):

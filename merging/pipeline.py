@@ -93,6 +93,8 @@ def plan_merge(config: MergeConfig, *, token: hub.Token = None, allow_pickle: bo
     for source in sources.values():
         if source.pickled and not source.tensors:  # a Hub .bin model: headers need the files themselves
             fetch_model(source, set(source.file_sizes), token=token, cache_dir=cache_dir)
+        elif config.tokenizer is not None and source.local_dir is None:
+            fetch_model(source, set(), token=token, cache_dir=cache_dir)  # tokenizers: the vocabulary is planned
     plan = build_moe_plan(config, sources) if isinstance(config, MoEConfig) else build_plan(config, sources)
     if limits is not None:
         enforce_limits(config, limits, plan)

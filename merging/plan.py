@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import torch
 
@@ -22,6 +22,9 @@ from .errors import MergeError
 from .methods import BasePolicy, MergeMethod, Parameter
 from .safetensors_io import OutputTensor
 from .sources import ModelSource
+
+if TYPE_CHECKING:
+    from .vocabulary import Vocabulary
 
 Scope = dict[str, Setting]
 
@@ -82,6 +85,7 @@ class MergePlan:
     also_reads: tuple[tuple[int, str], ...] = ()  # (model, tensor) read besides the inputs (a MoE's routers)
     computed: dict[str, torch.Tensor] = field(default_factory=dict)  # values of `computed` tensors, once known
     computing: Optional[Future] = None  # the work filling `computed` while the other tensors stream
+    vocabulary: Optional["Vocabulary"] = None  # rows aligned by token string (`tokenizer:`), with its tokenizer
     details: tuple[str, ...] = ()  # lines a dry run shows beside the figures (a MoE's experts and routers)
     side_peak_bytes: int = 0  # memory of work before the tensors stream (a MoE's routers)
 
@@ -175,14 +179,14 @@ def build_plan(config: MergeConfig, sources: dict[ModelRef, ModelSource]) -> Mer
     slices = _slices(config, layouts)
     method = config.method
     warnings: list[str] = list(config.warnings) + [note for source in models for note in source.notes]
+    vocabulary = None
+    if config.tokenizer is not None:
+        from .vocabulary import build_vocabulary
+
+        vocabulary = build_vocabulary(config.tokenizer, config.base_model, models)
 
     reference = sources[config.base_model] if config.base_model else sources[slices[0].sources[0][0]]
-    if config.tokenizer_source == "base":
-        tokenizer_from = sources[config.base_model]
-    elif isinstance(config.tokenizer_source, ModelRef):
-        tokenizer_from = sources[config.tokenizer_source]
-    else:
-        tokenizer_from = reference
+    tokenizer_from = reference  # without a `tokenizer`; with one, the vocabulary's own tokenizer is written
 
     tensors: list[PlannedTensor] = []
     seen_names: set[str] = set()
@@ -224,9 +228,13 @@ def build_plan(config: MergeConfig, sources: dict[ModelRef, ModelSource]) -> Mer
         headers = [sources[ref].tensors[name] for _, name, ref in inputs]
         shapes = {h.shape for h in headers}
         rows = None
-        if len(shapes) > 1:
-            rows = _aligned_rows(out_name, headers, [ref for _, _, ref in inputs], tokenizer_from, config,
-                                 sources, layouts, warnings)
+        if vocabulary is not None and all(_is_vocabulary(sources[ref], name) for _, name, ref in inputs):
+            if len({h.shape[1:] for h in headers}) > 1:
+                raise MergeError(f"{out_name}: shapes differ between inputs beyond the vocabulary; these models "
+                                 f"cannot be merged")
+            rows = vocabulary.rows
+        elif len(shapes) > 1:
+            rows = _common_rows(out_name, headers, [ref for _, _, ref in inputs], warnings)
         shape = headers[0].shape if rows is None else (rows, *headers[0].shape[1:])
         floating = all(h.dtype.is_floating_point for h in headers)
         out_dtype = (torch_dtype(config.out_dtype) or _compute_dtype(config, [h.dtype for h in headers])) if floating \
@@ -258,9 +266,20 @@ def build_plan(config: MergeConfig, sources: dict[ModelRef, ModelSource]) -> Mer
 
     out_cfg = output_config(reference.config, layer_sources, layouts[reference.ref].num_layers)
     vocab_rows = {t.rows for t in tensors if t.rows is not None}
-    if vocab_rows:
+    if vocabulary is not None:
+        text_config(out_cfg)["vocab_size"] = vocabulary.rows
+    elif vocab_rows:
         text_config(out_cfg)["vocab_size"] = max(vocab_rows)
-    return MergePlan(config, models, tensors, out_cfg, reference, tokenizer_from, warnings)
+    details = tuple(vocabulary.summary(config.base_model or models[0].ref)) if vocabulary is not None else ()
+    return MergePlan(config, models, tensors, out_cfg, reference, tokenizer_from, warnings, details=details,
+                     vocabulary=vocabulary)
+
+
+def _is_vocabulary(source: ModelSource, name: str) -> bool:
+    """An embedding or LM head: a 2-D tensor outside the layers with one row per token."""
+    header = source.tensors[name]
+    size = text_config(source.config).get("vocab_size", source.config.get("vocab_size"))
+    return len(header.shape) == 2 and header.shape[0] == size and ".layers." not in name
 
 
 def _resolve_input_name(source: ModelSource, layout: Layout, name: str) -> Optional[str]:
@@ -275,25 +294,15 @@ def _resolve_input_name(source: ModelSource, layout: Layout, name: str) -> Optio
     return None
 
 
-def _aligned_rows(name: str, headers, refs, tokenizer_from: ModelSource, config: MergeConfig,
-                  sources, layouts, warnings: list[str]) -> int:
-    """Rows to align a vocabulary tensor to when inputs disagree on vocabulary size."""
-    trailing = {h.shape[1:] for h in headers}
+def _common_rows(name: str, headers, refs, warnings: list[str]) -> int:
+    """Rows a vocabulary tensor is truncated to when inputs disagree on vocabulary size (no `tokenizer`)."""
     row_counts = [h.shape[0] for h in headers]
-    if len(trailing) > 1 or not headers[0].shape:
+    if len({h.shape[1:] for h in headers}) > 1 or not headers[0].shape:
         detail = ", ".join(f"{ref} {list(h.shape)}" for ref, h in zip(refs, headers))
         raise MergeError(f"{name}: shapes differ between inputs ({detail}); these models cannot be merged")
-    if config.tokenizer_source is not None:
-        source_header = tokenizer_from.tensors.get(name) or next(
-            (tokenizer_from.tensors[p] for p in layouts[tokenizer_from.ref].pre if p in tokenizer_from.tensors
-             and tokenizer_from.tensors[p].shape[1:] == headers[0].shape[1:]), None)
-        rows = source_header.shape[0] if source_header is not None else max(row_counts)
-        warnings.append(f"{name}: vocabulary sizes {sorted(set(row_counts))} aligned to {rows} rows of the "
-                        f"tokenizer source by token id; rows an input lacks take the mean of the inputs that have them")
-        return rows
     rows = min(row_counts)
     warnings.append(f"{name}: vocabulary sizes differ {sorted(set(row_counts))}; truncated to the common {rows} rows "
-                    f"(set tokenizer_source to keep a larger vocabulary)")
+                    f"(set tokenizer_source: union to keep every input's tokens, aligned by token)")
     return rows
 
 

@@ -33,11 +33,16 @@ def write_side_files(plan: MergePlan, directory: Path, title: Optional[str] = No
         shutil.copyfile(generation, directory / "generation_config.json")
         written.append("generation_config.json")
 
-    tokenizer_dir = plan.tokenizer_from.local_dir
-    for name in TOKENIZER_FILES:
-        if tokenizer_dir and (tokenizer_dir / name).is_file():
-            shutil.copyfile(tokenizer_dir / name, directory / name)
-            written.append(name)
+    if plan.vocabulary is not None:  # the merged vocabulary, consistent with the aligned rows
+        from .vocabulary import save_tokenizer
+
+        written += save_tokenizer(plan.vocabulary, directory)
+    else:
+        tokenizer_dir = plan.tokenizer_from.local_dir
+        for name in TOKENIZER_FILES:
+            if tokenizer_dir and (tokenizer_dir / name).is_file():
+                shutil.copyfile(tokenizer_dir / name, directory / name)
+                written.append(name)
 
     if plan.config.chat_template:
         template = resolve_chat_template(plan.config.chat_template, [m.local_dir for m in plan.models])

@@ -53,7 +53,6 @@ BAD_CONFIGS = [
     ("unequal_slice", "merge_method: slerp\nbase_model: {base}\nslices:\n  - sources:\n    - {{model: {base}, layer_range: [0, 4]}}\n    - {{model: {ft1}, layer_range: [0, 3]}}\nparameters: {{t: 0.5}}\n",
      "slices[0].sources: every source of a slice needs the same number of layers"),
     ("lora_without_adapter", GOOD_TIES.replace("model: {ft1}", "model: org/model+"), "is not 'model+adapter' (one model, one LoRA adapter)"),
-    ("union_tokenizer", GOOD_TIES + "tokenizer_source: union\n", "tokenizer_source: 'union' is not supported yet"),
     ("bad_template", GOOD_TIES + "chat_template: \"{{% if %}}\"\n", "chat_template: the Jinja template does not compile"),
     ("bad_yaml", "merge_method: ties\nmodels: [\n", "config: the YAML does not parse at line"),
     ("missing_dir", GOOD_TIES.replace("model: {ft1}", "model: ./no/such/dir"), "is neither an existing local directory nor a Hub repo id"),

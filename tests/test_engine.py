@@ -181,6 +181,8 @@ def test_vocabulary_mismatch_truncates_or_follows_tokenizer_source(llama, tmp_pa
     config = json.loads((bigger / "config.json").read_text())
     config["vocab_size"] += 4
     (bigger / "config.json").write_text(json.dumps(config))
+    from merging.demo import write_tokenizer
+    write_tokenizer(bigger, 96, added=("<a>", "<b>", "<c>", "<d>"))
 
     text = f"merge_method: linear\nmodels:\n  - {{model: {base}, parameters: {{weight: 1}}}}\n  - {{model: {bigger}, parameters: {{weight: 1}}}}\n"
     run_merge(parse_config(text), tmp_path / "truncated")
@@ -193,7 +195,7 @@ def test_vocabulary_mismatch_truncates_or_follows_tokenizer_source(llama, tmp_pa
     embed = merged["model.embed_tokens.weight"]
     assert embed.shape[0] == 100
     assert json.loads((tmp_path / "extended" / "config.json").read_text())["vocab_size"] == 100
-    # rows only the bigger model has: the mean of the inputs that have them is that model's row
+    # tokens only the bigger model has take its rows in every input, so the merge keeps them
     torch.testing.assert_close(embed[96:], bigger_state["model.embed_tokens.weight"][96:])
 
 

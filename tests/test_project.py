@@ -69,7 +69,7 @@ def test_console_scripts_name_the_clis_main_functions():
     import tomllib
 
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
-    assert set(scripts) == {"mergeline-merge", "mergeline-lineage"}
+    assert set(scripts) == {"mergeline-merge", "mergeline-extract-lora", "mergeline-lineage"}
     for target in scripts.values():
         module, _, function = target.partition(":")
         assert callable(getattr(importlib.import_module(module), function))

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Optional, Sequence
 
-from ..errors import MergeError, did_you_mean
+from ..errors import MergeError, check_keys, did_you_mean
 from ..methods import EXPERT_COPY, MergeMethod
 from ..refs import ModelRef, parse_model_ref, shown
 
@@ -56,7 +56,7 @@ class MoEConfig:
     dtype: ClassVar[Optional[str]] = None  # inputs are copied as stored, then converted to `out_dtype`
     models: ClassVar[None] = None
     slices: ClassVar[None] = None
-    tokenizer_source: ClassVar[None] = None
+    tokenizer: ClassVar[None] = None  # the base's tokenizer, as it is
     chat_template: ClassVar[None] = None
 
     @property
@@ -98,10 +98,7 @@ def _experts(raw: Any, where: str, ref) -> tuple[Expert, ...]:
         at = f"{where}[{i}]"
         if not isinstance(item, dict) or "source_model" not in item:
             raise MergeError(f"{at}: each expert needs a 'source_model'")
-        for key in item:
-            if key not in _EXPERT_KEYS:
-                raise MergeError(f"{at}.{key}: unknown key{did_you_mean(str(key), _EXPERT_KEYS)}; allowed here: "
-                                 f"{', '.join(_EXPERT_KEYS)}")
+        check_keys(item, _EXPERT_KEYS, f"{at}.")
         experts.append(Expert(ref(item["source_model"], f"{at}.source_model"),
                               _prompts(item.get("positive_prompts"), f"{at}.positive_prompts"),
                               _prompts(item.get("negative_prompts"), f"{at}.negative_prompts"),
@@ -115,10 +112,7 @@ def parse_moe_config(raw: dict, text: str, *, base_dir: Optional[Path] = None,
     """Validate a mergekit-moe config (the YAML already read into `raw`); one-line `MergeError`s."""
     from ..config import _parse_dtype
 
-    for key in raw:
-        if key not in _TOP_KEYS:
-            raise MergeError(f"{key}: unknown key{did_you_mean(str(key), _TOP_KEYS)}; a mixture of experts config "
-                             f"allows: {', '.join(_TOP_KEYS)}")
+    check_keys(raw, _TOP_KEYS, "")
 
     def ref(value: Any, where: str) -> ModelRef:
         return parse_model_ref(value, where, base_dir, local_roots)
