@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file
 from tiny_models import load_state
 
 from merging import MergeError, MergeOptions, parse_config, plan_merge, run_merge
 from merging.__main__ import main
+
+GOLDEN = Path(__file__).resolve().parent / "golden"
 
 
 def _adapter(llama, folder, *, seed: int, **lora) -> dict[str, torch.Tensor]:
@@ -48,6 +52,24 @@ def test_an_adapter_applied_while_streaming_equals_peft_merge_and_unload(case, l
     text = f"merge_method: passthrough\nslices:\n  - sources:\n      - model: {llama.base()}+{tmp_path / 'adapter'}\n        layer_range: [0, 4]\n"
     run_merge(parse_config(text), tmp_path / "out", options=MergeOptions(chunk_elements=64))  # row chunks too
     got = load_state(tmp_path / "out")
+    assert set(got) == set(want)
+    for name, tensor in want.items():
+        torch.testing.assert_close(got[name], tensor, rtol=1e-6, atol=1e-6, msg=name)
+
+
+LORA_CASES = yaml.safe_load((GOLDEN / "lora_cases.yml").read_text())
+
+
+@pytest.mark.parametrize("case", sorted(LORA_CASES))
+def test_model_plus_lora_matches_mergekit(case, tmp_path):
+    """`model+lora` as mergekit 0.1.5 merges it (through peft), on the golden models."""
+    from golden.make_lora_golden import write_models
+
+    write_models(tmp_path / "models")
+    text = yaml.safe_dump(LORA_CASES[case]).replace("ADAPTERS/", f"{GOLDEN}/").replace("MODELS/",
+                                                                                        f"{tmp_path / 'models'}/")
+    run_merge(parse_config(text), tmp_path / "out")
+    got, want = load_state(tmp_path / "out"), load_file(str(GOLDEN / f"lora_{case}.safetensors"))
     assert set(got) == set(want)
     for name, tensor in want.items():
         torch.testing.assert_close(got[name], tensor, rtol=1e-6, atol=1e-6, msg=name)
