@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import re
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
+
+from .cli import add_output_options, hf_token, progress_printer, publish, run_guarded
 
 
 def parse_size(text: str) -> int:
@@ -39,23 +40,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out-shard-size", type=parse_size, default="5GB", help="largest output shard")
     parser.add_argument("--dry-run", action="store_true", help="validate against headers only and print the plan")
     parser.add_argument("--allow-pickle", action="store_true", help="accept pytorch_model.bin (weights_only=True)")
-    parser.add_argument("--push-to", metavar="REPO", help="upload the result to this Hub repo (needs HF_TOKEN)")
-    parser.add_argument("--private", action="store_true", help="with --push-to: create a private repo")
     parser.add_argument("--workers", type=worker_count, default=None,
                         help="threads merging chunks (default: one per CPU, at most 8; 0: none)")
-    parser.add_argument("--quiet", action="store_true", help="no progress output")
+    add_output_options(parser, "the result")
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
-    from .cli import progress_printer, run_guarded
     from .execute import MergeOptions
     from .pipeline import load_config, plan_merge, run_merge, summarize
-    from .upload import upload_merge
 
-    token = os.environ.get("HF_TOKEN") or None
+    token = hf_token()
 
     def work() -> int:
         config = load_config(args.config)
@@ -67,10 +64,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                workers=args.workers)
         files = run_merge(config, args.output_dir, options=options, token=token, allow_pickle=args.allow_pickle,
                           on_event=progress_printer(args.quiet))
-        url = upload_merge(args.output_dir, args.push_to, token or "", private=args.private) if args.push_to else None
-        if not args.quiet:
-            print(f"wrote {len(files)} files to {args.output_dir}" + (f"; uploaded to {url}" if url else ""))
-        return 0
+        return publish(args, args.output_dir, files)
 
     return run_guarded(work)
 

@@ -6,10 +6,13 @@ work (removing its staging folder) and say that nothing was written.
 
 from __future__ import annotations
 
+import argparse
+import os
 import signal
 import sys
 import time
-from typing import Callable
+from pathlib import Path
+from typing import Callable, Optional
 
 from .errors import MergeError
 
@@ -56,3 +59,24 @@ def run_guarded(work: Callable[[], int]) -> int:
         return 128 + signal.SIGTERM
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def add_output_options(parser: argparse.ArgumentParser, what: str) -> None:
+    """--push-to, --private and --quiet, for a command that writes `what` (the result, the adapter)."""
+    parser.add_argument("--push-to", metavar="REPO", help=f"upload {what} to this Hub repo (needs HF_TOKEN)")
+    parser.add_argument("--private", action="store_true", help="with --push-to: create a private repo")
+    parser.add_argument("--quiet", action="store_true", help="no progress output")
+
+
+def hf_token() -> Optional[str]:
+    return os.environ.get("HF_TOKEN") or None
+
+
+def publish(args: argparse.Namespace, output_dir: Path, files: list[str]) -> int:
+    """Upload `output_dir` when --push-to asks for it, and say what was written."""
+    from .upload import upload_merge
+
+    url = upload_merge(output_dir, args.push_to, hf_token() or "", private=args.private) if args.push_to else None
+    if not args.quiet:
+        print(f"wrote {len(files)} files to {output_dir}" + (f"; uploaded to {url}" if url else ""))
+    return 0

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
+
+from .cli import add_output_options, hf_token, progress_printer, publish, run_guarded
 
 
 def _names(text: str) -> tuple[str, ...]:
@@ -38,20 +39,16 @@ def build_parser() -> argparse.ArgumentParser:
                         help="modules stored whole as modules_to_save, e.g. embed_tokens,lm_head,norm")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"), help="where to run the SVDs")
     parser.add_argument("--dry-run", action="store_true", help="check both models' headers and print the plan")
-    parser.add_argument("--push-to", metavar="REPO", help="upload the adapter to this Hub repo (needs HF_TOKEN)")
-    parser.add_argument("--private", action="store_true", help="with --push-to: create a private repo")
-    parser.add_argument("--quiet", action="store_true", help="no progress output")
+    add_output_options(parser, "the adapter")
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
-    from .cli import progress_printer, run_guarded
     from .extract import plan_extraction, run_extraction
-    from .upload import upload_merge
 
-    token = os.environ.get("HF_TOKEN") or None
+    token = hf_token()
 
     def work() -> int:
         plan = plan_extraction(args.finetuned, args.base, args.rank, modules=args.modules,
@@ -61,10 +58,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 0
         files = run_extraction(plan, args.output_dir, device=args.device, token=token,
                                on_event=progress_printer(args.quiet))
-        url = upload_merge(args.output_dir, args.push_to, token or "", private=args.private) if args.push_to else None
-        if not args.quiet:
-            print(f"wrote {len(files)} files to {args.output_dir}" + (f"; uploaded to {url}" if url else ""))
-        return 0
+        return publish(args, args.output_dir, files)
 
     return run_guarded(work)
 

@@ -19,21 +19,11 @@ GOLDEN = Path(__file__).resolve().parent / "golden"
 
 
 def _adapter(llama, folder, *, seed: int, **lora) -> dict[str, torch.Tensor]:
-    """A PEFT LoRA adapter on the tiny Llama base, with non-zero B (peft starts B at zero), saved to
-    `folder`; returns what peft's merge_and_unload makes of base + adapter."""
-    import peft
-    import transformers
+    """A PEFT LoRA adapter on the tiny Llama base saved to `folder`; returns what peft's
+    merge_and_unload makes of base + adapter."""
+    from golden.make_lora_golden import make_adapter
 
-    base_dir = llama.base()
-    model = transformers.AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    wrapped = peft.get_peft_model(model, peft.LoraConfig(**lora))
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, parameter in wrapped.named_parameters():
-            if "lora_" in name or "modules_to_save" in name:
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
-    wrapped.save_pretrained(folder)
-    merged = wrapped.merge_and_unload()
+    merged = make_adapter(llama.base(), folder, seed, **lora).merge_and_unload()
     return {k: v.detach().clone() for k, v in merged.state_dict().items()}
 
 

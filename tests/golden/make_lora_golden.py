@@ -41,7 +41,9 @@ def write_models(root: Path) -> None:
         (root / name / "config.json").write_text(json.dumps(CONFIG))
 
 
-def make_adapter(base: Path, folder: Path, seed: int, **lora) -> None:
+def make_adapter(base: Path, folder: Path, seed: int, **lora):
+    """A PEFT LoRA adapter on `base` with random (seeded) weights, B included (peft starts B at zero),
+    saved to `folder`; returns the peft model."""
     import peft
     import transformers
 
@@ -54,6 +56,7 @@ def make_adapter(base: Path, folder: Path, seed: int, **lora) -> None:
                 parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
     wrapped.save_pretrained(folder)
     (folder / "README.md").unlink()  # peft's template card: nothing the tests read
+    return wrapped
 
 
 def main() -> None:
