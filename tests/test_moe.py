@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -202,6 +203,12 @@ def test_bad_models_are_refused_before_any_download(moe_models, tmp_path):
         "qwen3 from llama": (_bad(moe_models, architecture="qwen3_moe"),
                              "a qwen3_moe output is built from qwen3 models", ""),
     }
+    gemma = tmp_path / "gemma-base"
+    shutil.copytree(moe_models / "llama-base", gemma)
+    (gemma / "config.json").write_text(json.dumps({**json.loads((gemma / "config.json").read_text()),
+                                                   "model_type": "gemma"}))
+    cases["gemma base"] = (_bad(moe_models, base_model=str(gemma)), "base_model: ", "is a gemma model; mixtures of "
+                           "experts are built from llama, mistral, qwen2, qwen3 models")
     for name, (text, message, detail) in cases.items():
         with pytest.raises(MergeError) as raised:
             plan_merge(parse_config(text.replace("MODELS/", f"{moe_models}/")))
