@@ -78,12 +78,12 @@ def test_matches_mergekit_moe(case, moe_models, tmp_path):
 def test_the_mixture_loads_in_transformers_and_generates(moe_models, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    for case in ("mixtral_hidden", "qwen2_moe_shared"):
+    for case in ("mixtral_hidden", "qwen2_moe_shared", "qwen3_moe_hidden"):
         run_merge(parse_config(case_text(case, moe_models)), tmp_path / case)
         model = AutoModelForCausalLM.from_pretrained(tmp_path / case)
         tokenizer = AutoTokenizer.from_pretrained(tmp_path / case)
-        assert type(model).__name__ == {"mixtral_hidden": "MixtralForCausalLM",
-                                        "qwen2_moe_shared": "Qwen2MoeForCausalLM"}[case]
+        assert type(model).__name__ == {"mixtral_hidden": "MixtralForCausalLM", "qwen2_moe_shared": "Qwen2MoeForCausalLM",
+                                        "qwen3_moe_hidden": "Qwen3MoeForCausalLM"}[case]
         ids = tokenizer("<s> w1 w2 w3", return_tensors="pt", add_special_tokens=False)
         out = model.generate(**ids, max_new_tokens=4, do_sample=False)
         assert out.shape == (1, 8)
@@ -121,6 +121,24 @@ def test_random_routers_follow_the_seed(moe_models, tmp_path):
     run_merge(parse_config(uniform), tmp_path / "u")
     gate = load_state(tmp_path / "u")["model.layers.0.block_sparse_moe.gate.weight"].float()
     assert gate.abs().max() <= 32 ** -0.5 and gate.std() > 0.05
+
+
+def test_noise_scale_adds_seeded_noise_then_residual_scale_scales(moe_models, tmp_path):
+    spec = CASES["mixtral_hidden"]
+    experts = [dict(spec["experts"][0], noise_scale=0.01, residual_scale=2.0), *spec["experts"][1:]]
+    text = case_text("mixtral_hidden", moe_models, experts=experts, dtype="float32")
+    for name, seed in (("a", 3), ("b", 3), ("c", 4)):
+        run_merge(parse_config(text), tmp_path / name, options=MergeOptions(seed=seed))
+    a, b, c = (load_state(tmp_path / n) for n in "abc")
+    source = load_state(moe_models / "llama-ft1")
+    down, up = "model.layers.1.block_sparse_moe.experts.0.w2.weight", "model.layers.1.block_sparse_moe.experts.0.w3.weight"
+    assert torch.equal(a[down], b[down]) and not torch.equal(a[down], c[down])
+    noise = a[up] - source["model.layers.1.mlp.up_proj.weight"]  # up_proj: noise, no residual scale
+    assert 0.007 < float(noise.std()) < 0.013
+    torch.testing.assert_close(a[down] / 2.0 - source["model.layers.1.mlp.down_proj.weight"],
+                               torch.zeros_like(a[down]), rtol=0, atol=0.06)  # (W + noise) * 2
+    assert torch.equal(a["model.layers.1.block_sparse_moe.experts.1.w1.weight"],
+                       load_state(moe_models / "llama-ft2")["model.layers.1.mlp.gate_proj.weight"])
 
 
 def test_hidden_routers_hold_one_layer_at_a_time(moe_models, monkeypatch):

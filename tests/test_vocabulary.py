@@ -130,3 +130,29 @@ def test_a_token_the_named_model_lacks_is_refused_before_any_weight(vocab_models
     with pytest.raises(MergeError, match=r"tokenizer.tokens.w3.source.token: .*tool's tokenizer has no token "
                                          r"'<\|im_start\|>'"):
         plan_merge(parse_config(text))
+
+
+def test_tied_embeddings_stay_tied(qwen2, tmp_path):
+    """A union of tied models (Qwen2: no lm_head) aligns the one embedding and writes no LM head."""
+    from merging.demo import write_tokenizer
+
+    base = qwen2.base()
+    extended = qwen2._write("chatml-tied", {**qwen2.base_state, "model.embed_tokens.weight": torch.cat(
+        [qwen2.base_state["model.embed_tokens.weight"], torch.ones(2, qwen2.hidden)])})
+    config = json.loads((extended / "config.json").read_text())
+    (extended / "config.json").write_text(json.dumps({**config, "vocab_size": config["vocab_size"] + 2}))
+    write_tokenizer(extended, config["vocab_size"], added=("<|im_start|>", "<|im_end|>"))
+    text = (f"merge_method: linear\nmodels:\n  - {{model: {base}, parameters: {{weight: 0.5}}}}\n"
+            f"  - {{model: {extended}, parameters: {{weight: 0.5}}}}\ntokenizer_source: union\n")
+    run_merge(parse_config(text), tmp_path / "out")
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "out")
+    merged = load_state(tmp_path / "out")
+    assert "lm_head.weight" not in merged
+    rows = merged["model.embed_tokens.weight"].shape[0]
+    assert rows == len(tokenizer.get_vocab()) and max(tokenizer.get_vocab().values()) < rows
+    assert torch.equal(merged["model.embed_tokens.weight"][tokenizer.convert_tokens_to_ids("<|im_end|>")],
+                       torch.ones(qwen2.hidden))
+    out = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert out["tie_word_embeddings"] is True and out["vocab_size"] == rows
