@@ -146,6 +146,7 @@ class Run:
 
 
 def measure(command: list[str], env: Optional[dict] = None) -> Run:
+    os.sync()  # no contender starts while the last one's writes are still going to disk
     start = time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     peak = 0
@@ -175,6 +176,7 @@ def input_files(method: str, paths: dict[str, Path]) -> list[Path]:
 
 def io_floor(files: list[Path], output_bytes: int, scratch: Path) -> float:
     """Seconds to read every input byte and write `output_bytes`, plainly, on this machine."""
+    os.sync()
     block = 16 << 20
     start = time.perf_counter()
     buffer = bytearray(block)

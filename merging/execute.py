@@ -56,6 +56,10 @@ KEEP_INPUT_BYTES = 1 << 29
 CUDA_KEEP_INPUT_BYTES = 1 << 32
 
 
+# Verbatim copies go file to file in pieces this large: the pieces of one output file queue on its
+# inode anyway, so small ones only add calls.
+COPY_BYTES = 1 << 26
+
 # Inputs held between passes come in slabs of whole chunks (a chunk is then a view of one slab).
 # On CPU a slab maps the file's pages (safetensors_io), so its size only sets how many maps a held
 # tensor takes; a GPU receives its inputs in slabs that the workers copy side by side.
@@ -303,6 +307,14 @@ def chunk_ranges(plan: MergePlan, tensor: PlannedTensor, chunk: int) -> list[Opt
     return _row_ranges(shape[0], max(1, chunk // tensor.out.row_elements))
 
 
+def copy_ranges(tensor: PlannedTensor) -> list[Optional[tuple[int, int]]]:
+    """Row ranges a verbatim copy is split into: large, since the kernel copies file to file."""
+    if not tensor.out.shape or tensor.out.nbytes <= COPY_BYTES:
+        return [None]
+    row_bytes = tensor.out.row_elements * tensor.out.dtype.itemsize
+    return _row_ranges(tensor.out.shape[0], max(1, COPY_BYTES // row_bytes))
+
+
 def peak_memory(plan: MergePlan, workers: Optional[int] = None) -> int:
     """Bytes of CPU memory a merge of `plan` on the CPU holds at once, by how `execute_plan` runs it.
 
@@ -433,7 +445,7 @@ def _write_weights(plan: MergePlan, merger: _Merger, staging: Path, progress: Op
             ranges = merger.row_ranges(tensor)
             source = merger.stored_copy(tensor)
             if source is not None:
-                jobs = [copy_job(tensor, rows, source) for rows in ranges]
+                jobs = [copy_job(tensor, rows, source) for rows in copy_ranges(tensor)]
             else:
                 merged = tensor.floating and not tensor.computed
                 kernel, held = merger.kernel(tensor, ranges) if merged else (None, None)
