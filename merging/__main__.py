@@ -7,13 +7,12 @@ nothing behind either (`cli`). torch loads only after the arguments parse, so ``
 from __future__ import annotations
 
 import argparse
-import logging
 import re
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .cli import add_output_options, hf_token, progress_printer, publish, run_guarded
+from .cli import add_output_options, hf_token, progress_printer, publish, run_command
 
 
 def parse_size(text: str) -> int:
@@ -47,26 +46,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    return run_command(build_parser(), argv, merge)
+
+
+def merge(args: argparse.Namespace) -> int:
     from .execute import MergeOptions
     from .pipeline import load_config, plan_merge, run_merge, summarize
 
-    token = hf_token()
-
-    def work() -> int:
-        config = load_config(args.config)
-        if args.dry_run:
-            plan = plan_merge(config, token=token, allow_pickle=args.allow_pickle)
-            print("\n".join(summarize(plan).lines()))
-            return 0
-        options = MergeOptions(device=args.device, seed=args.seed, out_shard_bytes=args.out_shard_size,
-                               workers=args.workers)
-        files = run_merge(config, args.output_dir, options=options, token=token, allow_pickle=args.allow_pickle,
-                          on_event=progress_printer(args.quiet))
-        return publish(args, args.output_dir, files)
-
-    return run_guarded(work)
+    config = load_config(args.config)
+    if args.dry_run:
+        plan = plan_merge(config, token=hf_token(), allow_pickle=args.allow_pickle)
+        print("\n".join(summarize(plan).lines()))
+        return 0
+    options = MergeOptions(device=args.device, seed=args.seed, out_shard_bytes=args.out_shard_size,
+                           workers=args.workers)
+    files = run_merge(config, args.output_dir, options=options, token=hf_token(), allow_pickle=args.allow_pickle,
+                      on_event=progress_printer(args.quiet))
+    return publish(args, args.output_dir, files)
 
 
 if __name__ == "__main__":

@@ -7,12 +7,13 @@ work (removing its staging folder) and say that nothing was written.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 from .errors import MergeError
 
@@ -41,6 +42,14 @@ def progress_printer(quiet: bool) -> Callable:
             started = time.perf_counter()
 
     return report
+
+
+def run_command(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]],
+                work: Callable[[argparse.Namespace], int]) -> int:
+    """Parse the arguments, then `work(args)` with failures as one line (`run_guarded`)."""
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    return run_guarded(lambda: work(args))
 
 
 def run_guarded(work: Callable[[], int]) -> int:

@@ -7,12 +7,11 @@ local directories or Hub repo ids; failures are one line and exit status 2, as f
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .cli import add_output_options, hf_token, progress_printer, publish, run_guarded
+from .cli import add_output_options, hf_token, progress_printer, publish, run_command
 
 
 def _names(text: str) -> tuple[str, ...]:
@@ -44,23 +43,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    return run_command(build_parser(), argv, extract)
+
+
+def extract(args: argparse.Namespace) -> int:
     from .extract import plan_extraction, run_extraction
 
-    token = hf_token()
-
-    def work() -> int:
-        plan = plan_extraction(args.finetuned, args.base, args.rank, modules=args.modules,
-                               save_modules=args.save_modules, token=token)
-        if args.dry_run:
-            print("\n".join(plan.summary()))
-            return 0
-        files = run_extraction(plan, args.output_dir, device=args.device, token=token,
-                               on_event=progress_printer(args.quiet))
-        return publish(args, args.output_dir, files)
-
-    return run_guarded(work)
+    plan = plan_extraction(args.finetuned, args.base, args.rank, modules=args.modules,
+                           save_modules=args.save_modules, token=hf_token())
+    if args.dry_run:
+        print("\n".join(plan.summary()))
+        return 0
+    files = run_extraction(plan, args.output_dir, device=args.device, token=hf_token(),
+                           on_event=progress_printer(args.quiet))
+    return publish(args, args.output_dir, files)
 
 
 if __name__ == "__main__":
