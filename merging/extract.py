@@ -27,8 +27,8 @@ import yaml
 from . import hub
 from .architecture import detect_layout
 from .errors import MergeError, did_you_mean
-from .execute import resolve_device, staged_output
-from .pipeline import HostedLimits, MergeEvent, size_text
+from .execute import check_output_dir, resolve_device, staged_output
+from .pipeline import HostedLimits, MergeEvent, require_space, size_text, uncached_bytes
 from .refs import parse_model_ref
 from .safetensors_io import OutputTensor, ShardedWriter
 from .sources import ModelSource, fetch_model, inspect_model
@@ -66,15 +66,15 @@ class ExtractionPlan:
         """Every tensor the extraction reads, in both models."""
         return [f"{t.module}.weight" for t in self.targets] + list(self.saved) + list(self.checked)
 
+    def files(self, source: ModelSource) -> set[str]:
+        """The weight files of `source` (FINETUNED or BASE) holding tensors the extraction reads."""
+        return {source.tensors[n].file for n in self.reads if n in source.tensors}
+
     @property
     def download_bytes(self) -> int:
-        """Bytes of the Hub weight files the extraction reads (all of both models' shards it touches)."""
-        total = 0
-        for source in (self.finetuned, self.base):
-            if not source.ref.local:
-                files = {source.tensors[n].file for n in self.reads if n in source.tensors}
-                total += sum(source.file_sizes.get(f, 0) for f in files)
-        return total
+        """Bytes of the Hub weight files the extraction reads."""
+        return sum(sum(s.file_sizes.get(f, 0) for f in self.files(s)) for s in (self.finetuned, self.base)
+                   if not s.ref.local)
 
     def summary(self) -> list[str]:
         return [f"LoRA of rank {self.rank} on {len(self.targets)} weights "
@@ -154,8 +154,11 @@ def run_extraction(plan: ExtractionPlan, output_dir: Path, *, device: str = "cpu
     """Download what the plan reads, decompose each difference and write the adapter to `output_dir`."""
     say = on_event or (lambda event: None)
     compute = resolve_device(device)
+    check_output_dir(Path(output_dir))
+    require_space(sum(uncached_bytes(s, plan.files(s), cache_dir) for s in (plan.finetuned, plan.base)),
+                  Path(output_dir), plan.output_bytes, cache_dir, what="the extraction")
     for source in (plan.finetuned, plan.base):
-        files = {source.tensors[n].file for n in plan.reads if n in source.tensors}
+        files = plan.files(source)
         say(MergeEvent(f"reading {source.ref}: {len(files)} weight file{'s' * (len(files) != 1)}"))
         fetch_model(source, files, token=token, cache_dir=cache_dir)
     out_tensors, kept, changed = [], [], set()  # changed: module kinds with a difference somewhere

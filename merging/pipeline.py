@@ -147,27 +147,40 @@ def summarize(plan: MergePlan) -> PlanSummary:
                        tuple(plan.warnings), plan.details)
 
 
-def _bytes_to_download(plan: MergePlan, cache_dir: Optional[Path]) -> int:
-    """Bytes of the weight files the plan reads that are not in the Hub cache yet."""
+def uncached_bytes(source: ModelSource, files: set[str], cache_dir: Optional[Path]) -> int:
+    """Bytes of `source`'s weight `files` that are not in the Hub cache yet (none for a local model)."""
     from huggingface_hub import try_to_load_from_cache
 
+    if source.weights_ref.local:
+        return 0
+    total = 0
+    for name in files:
+        cached = try_to_load_from_cache(source.weights_ref.path, name, cache_dir=cache_dir,
+                                        revision=source.commit or source.weights_ref.revision)
+        if not isinstance(cached, str):
+            total += source.file_sizes.get(name, 0)
+    return total
+
+
+def _bytes_to_download(plan: MergePlan, cache_dir: Optional[Path]) -> int:
+    """Bytes of the weight files the plan reads that are not in the Hub cache yet."""
     total = 0
     for model, files in plan.needed_files().items():
         source = plan.models[model]
         if source.adapter_to_fetch is not None:
             total += sum(source.adapter_to_fetch.file_sizes.values())
-        if source.weights_ref.local:
-            continue
-        for name in files:
-            cached = try_to_load_from_cache(source.weights_ref.path, name, cache_dir=cache_dir,
-                                            revision=source.commit or source.weights_ref.revision)
-            if not isinstance(cached, str):
-                total += source.file_sizes.get(name, 0)
+        total += uncached_bytes(source, files, cache_dir)
     return total
 
 
 def check_disk(plan: MergePlan, output_dir: Path, cache_dir: Optional[Path] = None) -> None:
     """Refuse a merge whose downloads and output do not fit where they will be written."""
+    require_space(_bytes_to_download(plan, cache_dir), output_dir, plan.output_bytes, cache_dir)
+
+
+def require_space(download_bytes: int, output_dir: Path, output_bytes: int, cache_dir: Optional[Path] = None,
+                  what: str = "the merge") -> None:
+    """Refuse work whose downloads (into the Hub cache) and output do not fit on their disks."""
     from huggingface_hub import constants
 
     needs: dict[int, tuple[Path, int]] = {}  # per file system: (a folder on it, bytes)
@@ -178,13 +191,13 @@ def check_disk(plan: MergePlan, output_dir: Path, cache_dir: Optional[Path] = No
         _, held = needs.get(device, (folder, 0))
         needs[device] = (folder, held + nbytes)
 
-    need(Path(cache_dir or constants.HF_HUB_CACHE), _bytes_to_download(plan, cache_dir))
-    need(Path(output_dir).absolute().parent, plan.output_bytes)
+    need(Path(cache_dir or constants.HF_HUB_CACHE), download_bytes)
+    need(Path(output_dir).absolute().parent, output_bytes)
     for folder, nbytes in needs.values():
         needed = int(nbytes * 1.02) + 64 * 2**20  # side files, the card, the file systems' own overhead
         free = shutil.disk_usage(folder).free
         if needed > free:
-            raise MergeError(f"disk: the merge needs {size_text(needed)} on the disk holding {folder} (downloads "
+            raise MergeError(f"disk: {what} needs {size_text(needed)} on the disk holding {folder} (downloads "
                              f"and output), and only {size_text(free)} are free; free space or choose another "
                              f"OUTPUT_DIR (downloads go to HF_HOME's cache)")
 

@@ -138,3 +138,17 @@ def test_extraction_from_the_hub(pair, hub, tmp_path):
     assert card["base_model"] == "org/base"
     with pytest.raises(MergeError, match="no such model"):
         plan_extraction("org/ft", "org/missing", 3)
+
+
+def test_a_full_disk_is_refused_before_downloading(pair, hub, tmp_path, monkeypatch):
+    import shutil
+
+    finetuned, base, _ = pair
+    hub.add_repo("org/ft-big", finetuned)
+    hub.add_repo("org/base-big", base)
+    plan = plan_extraction("org/ft-big", "org/base-big", 3, cache_dir=tmp_path / "cache")
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: real(path)._replace(free=10_000))
+    with pytest.raises(MergeError, match="disk: the extraction needs .* on the disk holding"):
+        run_extraction(plan, tmp_path / "adapter", cache_dir=tmp_path / "cache")
+    assert not hub.downloaded("org/ft-big") - {"config.json"} and not (tmp_path / "adapter").exists()
