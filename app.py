@@ -33,11 +33,12 @@ import gradio as gr
 import lineage
 from merging import HostedLimits, MergeError, MergeEvent, MergeOptions, load_config, plan_merge, run_merge, summarize
 from merging.cleanup import remove_orphans
+from merging.cli import split_names
 from merging.demo import demo_config, demo_moe_config
 from merging.errors import HubUnreachable
 from merging.extract import plan_extraction, run_extraction
 from merging.hub import Token, request_token
-from merging.upload import suggest_repo_name, upload_merge
+from merging.upload import short_name, suggest_repo_name, upload_merge
 
 log = logging.getLogger("mergeline.app")
 
@@ -209,11 +210,11 @@ class MergelineApp:
         cleanup_job(job)
         token = self.token(None, oauth_token)
         rank = int(rank or 0)
-        name = re.sub(r"[^A-Za-z0-9.-]+", "-", (finetuned or "model").strip().rstrip("/").split("/")[-1])[:80]
+        name = short_name(finetuned or "model")[:80]
 
         def work(output: Path, cache: Path, on_event) -> None:
-            plan = plan_extraction(finetuned.strip(), base.strip(), rank, modules=split_names(modules), token=token,
-                                   cache_dir=cache, limits=self.limits)
+            plan = plan_extraction(finetuned.strip(), base.strip(), rank, modules=split_names(modules or ""),
+                                   token=token, cache_dir=cache, limits=self.limits)
             on_event(MergeEvent("\n".join(plan.summary())))
             run_extraction(plan, output, device="auto", token=token, cache_dir=cache, on_event=on_event)
 
@@ -427,11 +428,6 @@ def weights_text(graph, node: str) -> str:
     if suggestion:
         parts.append(f"suggested parent {suggestion['id']} (cosine {suggestion['cosine']:.2f})")
     return "; ".join(parts)
-
-
-def split_names(text: Optional[str]) -> tuple[str, ...]:
-    """`q_proj, v_proj` -> ("q_proj", "v_proj")."""
-    return tuple(part.strip() for part in (text or "").split(",") if part.strip())
 
 
 def cleanup_job(job: Optional[dict]) -> None:

@@ -41,6 +41,12 @@ def text_config(config: dict) -> dict:
     return config
 
 
+def vocab_size(config: dict) -> Optional[int]:
+    """Embedding rows the config declares (`vocab_size`, nested for multimodal configs)."""
+    size = text_config(config).get("vocab_size", config.get("vocab_size"))
+    return size if isinstance(size, int) else None
+
+
 def layer_count_key(config: dict) -> Optional[str]:
     section = text_config(config)
     return next((k for k in LAYER_COUNT_KEYS if isinstance(section.get(k), int)), None)

@@ -70,6 +70,11 @@ def run_guarded(work: Callable[[], int]) -> int:
         signal.signal(signal.SIGTERM, previous)
 
 
+def split_names(text: str) -> tuple[str, ...]:
+    """`q_proj, v_proj` -> ("q_proj", "v_proj"): module lists as the command line and the Space take them."""
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
 def add_output_options(parser: argparse.ArgumentParser, what: str) -> None:
     """--push-to, --private and --quiet, for a command that writes `what` (the result, the adapter)."""
     parser.add_argument("--push-to", metavar="REPO", help=f"upload {what} to this Hub repo (needs HF_TOKEN)")

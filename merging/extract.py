@@ -38,11 +38,20 @@ _EXACT_SVD_SIDE = 512  # below this, a full SVD costs little and is exact
 _OVERSAMPLE, _POWER_ITERATIONS = 16, 4
 
 
+def module_kind(name: str) -> str:
+    """`model.layers.0.self_attn.q_proj.weight` -> `q_proj`: what --modules and target_modules name."""
+    return name.removesuffix(".weight").removesuffix(".bias").rsplit(".", 1)[-1]
+
+
 @dataclass(frozen=True)
 class Target:
     module: str  # "model.layers.0.self_attn.q_proj"
     rank: int  # the rank kept: at most the requested one, at most the matrix's smaller side
     shape: tuple[int, int]  # (out features, in features)
+
+    @property
+    def kind(self) -> str:
+        return module_kind(self.module)
 
 
 @dataclass(frozen=True)
@@ -57,8 +66,8 @@ class ExtractionPlan:
 
     @property
     def output_bytes(self) -> int:
-        itemsize = {n: self.finetuned.tensors[n].dtype.itemsize for n in self.finetuned.tensors}
-        lora = sum(t.rank * (t.shape[0] + t.shape[1]) * itemsize[f"{t.module}.weight"] for t in self.targets)
+        lora = sum(t.rank * (t.shape[0] + t.shape[1]) * self.finetuned.tensors[f"{t.module}.weight"].dtype.itemsize
+                   for t in self.targets)
         return lora + sum(self.finetuned.tensors[n].nbytes for n in self.saved)
 
     @property
@@ -78,13 +87,9 @@ class ExtractionPlan:
 
     def summary(self) -> list[str]:
         return [f"LoRA of rank {self.rank} on {len(self.targets)} weights "
-                f"({', '.join(sorted({t.module.rsplit('.', 1)[-1] for t in self.targets}))})",
+                f"({', '.join(sorted({t.kind for t in self.targets}))})",
                 *([f"saved whole: {len(self.saved)} tensors ({', '.join(self.save_modules)})"] if self.saved else []),
                 f"adapter size: {size_text(self.output_bytes)}", f"to download: {size_text(self.download_bytes)}"]
-
-
-def _module_names(names: Sequence[str]) -> set[str]:
-    return {n.removesuffix(".weight").rsplit(".", 1)[-1] for n in names if n.endswith(".weight")}
 
 
 def plan_extraction(finetuned: str, base: str, rank: int, *, modules: Sequence[str] = (),
@@ -104,19 +109,17 @@ def plan_extraction(finetuned: str, base: str, rank: int, *, modules: Sequence[s
     layout = detect_layout(ft)
     in_layers = {layout.layer_tensor(i, s) for i, suffixes in layout.layer_suffixes.items() for s in suffixes}
     linear = [n for n in ft.tensors if n in in_layers and n.endswith(".weight") and len(ft.tensors[n].shape) == 2]
-    available = _module_names(linear)
+    available = {module_kind(n) for n in linear}
     for name in modules:
         if name not in available:
             raise MergeError(f"--modules: no layer weight is named {name!r}{did_you_mean(name, available)}; these "
                              f"models have {', '.join(sorted(available))}")
-    every = _module_names(ft.tensors)
+    every = {module_kind(n) for n in ft.tensors}
     for name in save_modules:
         if name not in every:
             raise MergeError(f"--save-modules: no module is named {name!r}{did_you_mean(name, every)}")
-    chosen = [n for n in linear if not modules or n.removesuffix(".weight").rsplit(".", 1)[-1] in modules]
-    saved = [n for n in ft.tensors if n.removesuffix(".weight").removesuffix(".bias").rsplit(".", 1)[-1]
-             in save_modules]
-    chosen = [n for n in chosen if n not in saved]
+    saved = [n for n in ft.tensors if module_kind(n) in save_modules]
+    chosen = [n for n in linear if (not modules or module_kind(n) in modules) and n not in saved]
     for name in chosen + saved:
         theirs = bs.tensors.get(name)
         if theirs is None:
@@ -190,7 +193,7 @@ def run_extraction(plan: ExtractionPlan, output_dir: Path, *, device: str = "cpu
                     if total == 0:
                         say(MergeEvent(f"{target.module}: unchanged", index + 1, len(plan.targets), written))
                         continue
-                    changed.add(target.module.rsplit(".", 1)[-1])
+                    changed.add(target.kind)
                     kept.append(float(s.square().sum()) / total)
                     say(MergeEvent(f"{target.module}: rank {target.rank} keeps {100 * min(kept[-1], 1.0):.1f}% of the "
                                    f"difference", index + 1, len(plan.targets), written))
@@ -201,7 +204,7 @@ def run_extraction(plan: ExtractionPlan, output_dir: Path, *, device: str = "cpu
                 writer.abort()
                 raise
             left_out = _changed_but_left_out(plan, ft_reader, base_reader)
-            unchanged = sorted({t.module.rsplit(".", 1)[-1] for t in plan.targets} - changed)
+            unchanged = sorted({t.kind for t in plan.targets} - changed)
             report = _report(kept, left_out, unchanged, sorted(changed))
             files += _write_side_files(plan, staging, Path(output_dir).name, report)
             for line in report:
@@ -217,8 +220,7 @@ def _changed_but_left_out(plan: ExtractionPlan, ft_reader, base_reader) -> list[
     changed: dict[str, int] = {}
     for name in plan.checked:
         if not torch.equal(ft_reader.read(name), base_reader.read(name)):
-            kind = name.removesuffix(".weight").removesuffix(".bias").rsplit(".", 1)[-1]
-            changed[kind] = changed.get(kind, 0) + 1
+            changed[module_kind(name)] = changed.get(module_kind(name), 0) + 1
     return [f"{kind} ({count})" for kind, count in sorted(changed.items())]
 
 
@@ -248,7 +250,7 @@ def _write_side_files(plan: ExtractionPlan, directory: Path, title: str, report:
         "base_model_name_or_path": plan.base.ref.path, "peft_type": "LORA", "task_type": "CAUSAL_LM",
         "r": plan.rank, "lora_alpha": plan.rank, "use_rslora": False, "lora_dropout": 0.0, "bias": "none",
         "fan_in_fan_out": False, "inference_mode": True,
-        "target_modules": sorted({t.module.rsplit(".", 1)[-1] for t in plan.targets}),
+        "target_modules": sorted({t.kind for t in plan.targets}),
         "modules_to_save": list(plan.save_modules) or None, "rank_pattern": ranks, "alpha_pattern": ranks,
     }
     (directory / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")

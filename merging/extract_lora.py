@@ -11,11 +11,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .cli import add_output_options, hf_token, progress_printer, publish, run_command
-
-
-def _names(text: str) -> tuple[str, ...]:
-    return tuple(part.strip() for part in text.split(",") if part.strip())
+from .cli import add_output_options, hf_token, progress_printer, publish, run_command, split_names
 
 
 def _rank(text: str) -> int:
@@ -32,9 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("base", help="the model it was fine-tuned from")
     parser.add_argument("output_dir", type=Path, help="directory to create for the adapter")
     parser.add_argument("--rank", type=_rank, required=True, help="LoRA rank r (lora_alpha = r)")
-    parser.add_argument("--modules", type=_names, default=(),
+    parser.add_argument("--modules", type=split_names, default=(),
                         help="layer weights to decompose, e.g. q_proj,v_proj (default: every 2-D layer weight)")
-    parser.add_argument("--save-modules", type=_names, default=(),
+    parser.add_argument("--save-modules", type=split_names, default=(),
                         help="modules stored whole as modules_to_save, e.g. embed_tokens,lm_head,norm")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"), help="where to run the SVDs")
     parser.add_argument("--dry-run", action="store_true", help="check both models' headers and print the plan")

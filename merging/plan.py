@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import torch
 
-from .architecture import Layout, detect_layout, output_config, text_config
+from .architecture import Layout, detect_layout, output_config, text_config, vocab_size
 from .config import Conditional, MergeConfig, ModelRef, Setting
 from .errors import MergeError
 from .methods import BasePolicy, MergeMethod, Parameter
@@ -278,8 +278,7 @@ def build_plan(config: MergeConfig, sources: dict[ModelRef, ModelSource]) -> Mer
 def _is_vocabulary(source: ModelSource, name: str) -> bool:
     """An embedding or LM head: a 2-D tensor outside the layers with one row per token."""
     header = source.tensors[name]
-    size = text_config(source.config).get("vocab_size", source.config.get("vocab_size"))
-    return len(header.shape) == 2 and header.shape[0] == size and ".layers." not in name
+    return len(header.shape) == 2 and header.shape[0] == vocab_size(source.config) and ".layers." not in name
 
 
 def _resolve_input_name(source: ModelSource, layout: Layout, name: str) -> Optional[str]:

@@ -14,11 +14,16 @@ from .config import MergeConfig
 from .errors import MergeError
 
 
+def short_name(path: str) -> str:
+    """The last part of a repo id or path, in the characters a repo name may hold."""
+    return re.sub(r"[^A-Za-z0-9.-]+", "-", path.strip().rstrip("/").split("/")[-1])
+
+
 def suggest_repo_name(config: MergeConfig) -> str:
     """A readable repo name from the merged models and the method, e.g. `Beagle-Marcoro-slerp`."""
     names = []
     for ref in config.referenced_models():
-        short = re.sub(r"[^A-Za-z0-9.-]+", "-", ref.path.rstrip("/").split("/")[-1])
+        short = short_name(ref.path)
         short = re.sub(r"-(?:\d+(?:\.\d+)?[bBmM]|v\d[\w.]*|slerp|ties|dare|merge)\b", "", short)[:20].strip("-.")
         if short and short not in names:
             names.append(short)

@@ -22,7 +22,7 @@ from typing import Optional
 
 import torch
 
-from .architecture import text_config
+from .architecture import vocab_size
 from .errors import MergeError
 from .refs import ModelRef, shown
 from .sources import ModelSource
@@ -80,13 +80,12 @@ class Vocabulary:
                 defaults[token_id] = row / len(donors)
             elif setting is not None:
                 defaults[token_id] = self._configured_row(tensors, token, token_id, setting, shape, dtype)
+        forced = torch.tensor([bool(settings.get(t) and settings[t].force) for t in self.tokens])
         result = {}
         for model in models:
             aligned = torch.zeros((self.rows, *shape), dtype=dtype)
             order = self.permutations[model]
-            keep = order >= 0
-            forced = torch.tensor([bool(settings.get(t) and settings[t].force) for t in self.tokens])
-            use = keep & ~forced
+            use = (order >= 0) & ~forced
             ids = torch.nonzero(use).flatten()
             aligned[ids] = tensors[model][order[ids]].to(dtype)
             for token_id, row in defaults.items():
@@ -133,8 +132,7 @@ class Vocabulary:
 
 
 def _vocab_size(source: ModelSource, tokenizer) -> int:
-    size = text_config(source.config).get("vocab_size", source.config.get("vocab_size"))
-    return size if isinstance(size, int) else len(tokenizer.get_vocab())
+    return vocab_size(source.config) or len(tokenizer.get_vocab())
 
 
 def _load(source: ModelSource):

@@ -164,15 +164,8 @@ def test_the_space_starts_with_the_listed_requirements(hub, tmp_path):
     server = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                page = urllib.request.urlopen(f"http://127.0.0.1:{number}/", timeout=5).read().decode()
-                break
-            except OSError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"the hosted app did not start:\n{server.stdout.read()}")
-                time.sleep(0.5)
+        page = once_the_app_is_up(server, lambda: urllib.request.urlopen(f"http://127.0.0.1:{number}/",
+                                                                         timeout=5).read().decode())
         assert "mergeline" in page
         opener = urllib.request.build_opener(type("NoRedirect", (urllib.request.HTTPRedirectHandler,), {
             "redirect_request": lambda *args, **kwargs: None}))
@@ -182,6 +175,19 @@ def test_the_space_starts_with_the_listed_requirements(hub, tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def once_the_app_is_up(server: subprocess.Popen, attempt, seconds: float = 90):
+    """`attempt()`'s result, retried every half second while the app process starts (at most `seconds`)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            return attempt()
+        except Exception:  # noqa: BLE001 - not up yet
+            if server.poll() is not None or time.monotonic() > deadline:
+                output = server.stdout.read() if server.stdout else ""
+                pytest.fail(f"the app did not start:\n{output}")
+            time.sleep(0.5)
 
 
 # -- 4, 5. Hub faults are retried; an unreachable Hub is one line ------------------------------
@@ -473,14 +479,7 @@ def test_with_the_hub_unreachable_every_action_of_the_space_says_so_in_one_line(
     server = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                client = Client(f"http://127.0.0.1:{number}/", verbose=False)
-                break
-            except Exception:  # noqa: BLE001 - not up yet
-                assert server.poll() is None and time.monotonic() < deadline, "the app did not start"
-                time.sleep(0.5)
+        client = once_the_app_is_up(server, lambda: Client(f"http://127.0.0.1:{number}/", verbose=False))
         unreachable = f"could not reach {endpoint}: connection refused"
         hint = "Hub examples need the network, the offline demos work without"
         report, preview = client.predict((ROOT / "examples" / "2-ties.yml").read_text(), api_name="/validate")

@@ -86,8 +86,9 @@ def choose_output(config: MoEConfig, base: ModelSource) -> OutputArchitecture:
     return chosen
 
 
-def _check_expert(where: str, source: ModelSource, base: ModelSource, base_layout: Layout) -> None:
-    """An expert must be a dense model of the base's architecture with the base's MLP shapes."""
+def _check_expert(where: str, source: ModelSource, base: ModelSource, base_layout: Layout) -> Layout:
+    """An expert must be a dense model of the base's architecture with the base's MLP shapes; returns
+    its layout."""
     config = text_config(source.config)
     if any(k in config for k in ("num_local_experts", "num_experts")) or any(".experts." in n for n in source.tensors):
         raise MergeError(f"{where}: {source.label} is already a mixture of experts; name the dense fine-tunes it "
@@ -110,6 +111,7 @@ def _check_expert(where: str, source: ModelSource, base: ModelSource, base_layou
             if mine.shape != base.tensors[name].shape:
                 raise MergeError(f"{where}: {name} is {list(mine.shape)} in {source.label} and "
                                  f"{list(base.tensors[name].shape)} in the base; experts must have the base's shapes")
+    return layout
 
 
 def _base_dtype(base: ModelSource) -> Optional[torch.dtype]:
@@ -148,10 +150,11 @@ def build_moe_plan(config: MoEConfig, sources: dict[ModelRef, ModelSource]) -> M
                          f"{', '.join(DENSE_TYPES)} models")
     layout = detect_layout(base)
     arch = choose_output(config, base)
+    expert_layouts: dict[ModelRef, Layout] = {}
     for where, group in (("experts", config.experts), ("shared_experts", config.shared_experts)):
         for i, expert in enumerate(group):
-            _check_expert(f"{where}[{i}].source_model", sources[expert.model], base, layout)
-    expert_layouts = {e.model: detect_layout(sources[e.model]) for e in config.all_experts}
+            expert_layouts[expert.model] = _check_expert(f"{where}[{i}].source_model", sources[expert.model], base,
+                                                         layout)
     out_dtype = torch_dtype(config.out_dtype) or _base_dtype(base)
     hidden = base.tensors[layout.layer_tensor(0, "mlp.down_proj.weight")].shape[0]
     gate_dtype = out_dtype or (torch.bfloat16 if config.gate_mode == "hidden" else torch.float32)
