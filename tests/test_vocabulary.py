@@ -156,3 +156,16 @@ def test_tied_embeddings_stay_tied(qwen2, tmp_path):
                        torch.ones(qwen2.hidden))
     out = json.loads((tmp_path / "out" / "config.json").read_text())
     assert out["tie_word_embeddings"] is True and out["vocab_size"] == rows
+
+
+def test_a_union_of_hub_models(vocab_models, hub, tmp_path):
+    """Hub inputs: the plan snapshots each model's side files (tokenizers) once, the merge adds the weights."""
+    for name in ("base", "chatml"):
+        hub.add_repo(f"voc/{name}", vocab_models[name])
+    text = ("merge_method: linear\nmodels:\n  - {model: voc/base, parameters: {weight: 0.5}}\n"
+            "  - {model: voc/chatml, parameters: {weight: 0.5}}\ntokenizer_source: union\n")
+    run_merge(parse_config(text), tmp_path / "out", cache_dir=tmp_path / "cache")
+    for repo in ("voc/base", "voc/chatml"):
+        listings = [p for m, p in hub.requests if m == "GET" and p.startswith(f"/api/models/{repo}/tree/")]
+        assert len(listings) == 1, listings  # one snapshot of the side files, before the plan
+    assert load_state(tmp_path / "out")["model.embed_tokens.weight"].shape[0] == 34
